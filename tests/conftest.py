@@ -65,15 +65,25 @@ def tiny_tokenizer_no_template(_tiny_tokenizer_base):
 
 TINY_CONFIGS = {
     "llama": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     ),
     "qwen2": dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
     ),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
-}  # fmt: skip
+}
 
 
 def tiny_model(kind: str, vocab_size: int = 400, seed: int = 0):
@@ -84,10 +94,11 @@ def tiny_model(kind: str, vocab_size: int = 400, seed: int = 0):
     torch.manual_seed(seed)
     config = AutoConfig.for_model(kind, vocab_size=vocab_size, **TINY_CONFIGS[kind])
     model = AutoModelForCausalLM.from_config(config)
-    # Random init gives near-uniform logits; scale weights up so outputs carry signal.
+    # The default init (std 0.02) gives near-uniform logits that a LoRA on inner layers cannot
+    # move; larger weights give a model whose outputs carry signal, like a trained one.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "emb" not in name and "wte" not in name and "wpe" not in name:
+        for p in model.parameters():
+            if p.dim() == 2:
                 p.normal_(0, 0.2)
     return model.eval()
 

@@ -177,9 +177,13 @@ def test_outputs_equal_peft_given_the_same_weights(kind, targets, use_rslora):
     reference = tiny_model(kind)
     ours = tiny_model(kind)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, use_rslora=use_rslora,
-        fan_in_fan_out=kind == "gpt2", init_lora_weights=False,  # random A and B
-    )  # fmt: skip
+        r=4,
+        lora_alpha=8,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        fan_in_fan_out=kind == "gpt2",
+        init_lora_weights=False,  # random A and B
+    )
     peft_model = peft.get_peft_model(reference, config).eval()
     from lorakit.targets import resolve_targets
 

@@ -80,9 +80,15 @@ class AdapterConfig:
             "lora_bias": "lora_bias",
             "use_qalora": "QA-LoRA",
             "alora_invocation_tokens": "aLoRA",
+            # LoRA variants whose forward differs from plain LoRA (VeLoRA and MiCA do not).
+            "arrow_config": "Arrow routing",
+            "use_bdlora": "BD-LoRA (block-diagonal factors)",
+            "kasa_config": "KaSA",
+            "monteclora_config": "MonteCLoRA",
         }
         for key, feature in unsupported.items():
-            if d.get(key):
+            # PEFT turns a sub-config dict into a dataclass, which is on even when empty ({}).
+            if isinstance(d.get(key), dict) or d.get(key):
                 raise LorakitError(
                     f"{where}: the PEFT feature {feature} is not supported by lorakit"
                 )
@@ -125,18 +131,25 @@ def save_adapter(
     from safetensors.torch import save_file
 
     path = Path(path)
+    # fp32 as PEFT's adapters usually are, whatever dtype the model was cast to (bf16 -> fp32
+    # is exact).
     tensors = {
-        k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(model, name).items()
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in lora_state_dict(model, name).items()
     }
     if not tensors:
         raise LorakitError(f"the model has no adapter named {name!r} to save")
     config.fan_in_fan_out = any(
-        is_conv1d(layer.base_layer) for _, layer in lora_layers(model) if name in layer.lora_A
+        is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
+        for _, layer in lora_layers(model)
+        if name in layer.lora_A
     )
+    # Serialize the config first: if it cannot be, neither file has been replaced yet.
+    config_text = json.dumps(config.to_peft(), indent=2) + "\n"
     atomic_write(
         path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
-    atomic_write_text(path / CONFIG_NAME, json.dumps(config.to_peft(), indent=2) + "\n")
+    atomic_write_text(path / CONFIG_NAME, config_text)
     return path
 
 
@@ -190,25 +203,15 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """Attach the adapter at `path` to `model` as adapter `name` (any rank, any layer subset)."""
     config, weights = read_adapter(path)
     modules = _group_weights(weights, Path(path))
+    # Check every module before wrapping any, so an error leaves the model untouched.
     for module_name, pair in modules.items():
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            raise LorakitError(
-                f"{path}: the adapter targets {module_name}, which this model lacks; it was made "
-                f"for another architecture (base: {config.base_model})"
-            ) from None
+        _check_target(model, path, config, module_name, pair["A"], pair["B"], name)
+    for module_name, pair in modules.items():
         a, b = pair["A"], pair["B"]
-        rank = a.shape[0]
-        target = module if isinstance(module, LoRALinear) else None
-        in_f, out_f = (target.in_features, target.out_features) if target else _features(module)
-        if a.shape != (rank, in_f) or b.shape != (out_f, rank):
-            raise LorakitError(
-                f"{path}: {module_name} needs A {(rank, in_f)}, B {(out_f, rank)}; the adapter has "
-                f"{tuple(a.shape)} and {tuple(b.shape)}: it was made for a model of another size"
-            )
         alpha = config.alpha_for(module_name)
-        attach_lora(model, [module_name], name, rank, alpha, config.dropout, config.use_rslora)
+        attach_lora(
+            model, [module_name], name, a.shape[0], alpha, config.dropout, config.use_rslora
+        )
         layer = model.get_submodule(module_name)
         assert isinstance(layer, LoRALinear)
         layer.lora_A[name].weight.data.copy_(a)
@@ -216,6 +219,37 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         layer.lora_A[name].requires_grad_(False)
         layer.lora_B[name].requires_grad_(False)
     return config
+
+
+def _check_target(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: AdapterConfig,
+    module_name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    name: str,
+) -> None:
+    """Refuse a module the model lacks, that has adapter `name`, or that A/B do not fit."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise LorakitError(
+            f"{path}: the adapter targets {module_name}, which this model lacks; it was made "
+            f"for another architecture (base: {config.base_model})"
+        ) from None
+    rank = a.shape[0]
+    target = module if isinstance(module, LoRALinear) else None
+    if target is not None and name in target.lora_A:
+        raise LorakitError(
+            f"adapter {name!r} already exists on {module_name}; load it under another name"
+        )
+    in_f, out_f = (target.in_features, target.out_features) if target else _features(module)
+    if a.shape != (rank, in_f) or b.shape != (out_f, rank):
+        raise LorakitError(
+            f"{path}: {module_name} needs A {(rank, in_f)}, B {(out_f, rank)}; the adapter has "
+            f"{tuple(a.shape)} and {tuple(b.shape)}: it was made for a model of another size"
+        )
 
 
 def _features(module: nn.Module) -> tuple[int, int]:

@@ -53,8 +53,10 @@ def train_config(args: argparse.Namespace):
     settings = {k.replace("-", "_"): v for k, v in settings.items()}
     unknown = sorted(set(settings) - set(keys))
     if unknown:
-        raise LorakitError(f"unknown setting(s) {', '.join(unknown)} in {args.config}; valid: "
-                           + ", ".join(k for k in keys if k != "extra"))  # fmt: skip
+        raise LorakitError(
+            f"unknown setting(s) {', '.join(unknown)} in {args.config}; valid: "
+            + ", ".join(k for k in keys if k != "extra")
+        )
     settings.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     try:
         return TrainConfig(**settings)

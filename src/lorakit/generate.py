@@ -1,17 +1,43 @@
-"""Text generation from a base model with or without adapters.
+"""Text generation with a KV cache: greedy or sampled, batched, streamed, one adapter per row.
 
-Prompts are left-padded into one batch and decoded with transformers' `generate` (KV cache);
-temperature 0 is greedy and deterministic.
+Prompts are left-padded into one batch so every row's next token sits in the last column; each
+step feeds only the new tokens and reuses the cache. Temperature 0 is greedy (deterministic).
+`adapters` gives each row its own adapter (or None for the bare base) in the same forward pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora import row_adapters
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling: smallest set of tokens with this much probability
+    top_k: int = 0  # 0 = no top-k cut
+    stop: tuple[str, ...] = ()  # stop strings (not included in the output)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise LorakitError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LorakitError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LorakitError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LorakitError(f"--top-k must be >= 0, got {self.top_k}")
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -22,47 +48,104 @@ def context_length(model: nn.Module) -> int | None:
     return None
 
 
+def next_tokens(
+    logits: torch.Tensor, s: Sampling, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > s.top_p  # keep the token that crosses p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
 def generate_ids(
     model: nn.Module,
     prompts: Sequence[list[int]],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int = 0,
+    sampling: Sampling = Sampling(),
+    eos_ids: Sequence[int] = (),
+    pad_id: int = 0,
+    adapters: Sequence[str | None] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (without the prompt), stopping at eos."""
-    if max_new_tokens <= 0:
-        raise LorakitError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    """New token ids for each prompt (eos and stop strings cut off).
+
+    `decode` (ids -> text) is needed for stop strings; `on_token(row, token)` streams tokens.
+    """
+    sampling.validate()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LorakitError("empty prompt; give some text to continue")
     limit = context_length(model)
     longest = max(len(p) for p in prompts)
-    if limit is not None and longest + max_new_tokens > limit:
+    if limit is not None and longest + sampling.max_new_tokens > limit:
         raise LorakitError(
-            f"prompt ({longest} tokens) + max new tokens ({max_new_tokens}) exceed the model's "
-            f"context of {limit}; shorten the prompt or lower --max-new-tokens"
+            f"prompt ({longest} tokens) + max new tokens ({sampling.max_new_tokens}) exceed the "
+            f"model's context of {limit}; shorten the prompt or lower --max-new-tokens"
         )
     device = model.get_input_embeddings().weight.device
-    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        input_ids[i, longest - len(p) :] = torch.tensor(p)
-        attention_mask[i, longest - len(p) :] = 1
-    sample = temperature > 0
-    options = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if sample else {}
-    out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=sample,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        **options,
-    )
-    results = []
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    for row in out[:, longest:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-        results.append(row[:cut])
-    return results
+    batch = len(prompts)
+    ids = torch.full((batch, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding: every prompt ends in the last column
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        mask[i, longest - len(p) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    eos = set(eos_ids)
+    out: list[list[int]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    cache, step_ids = None, ids
+    per_row = row_adapters(model, adapters) if adapters is not None else nullcontext()
+    with per_row:
+        for _ in range(sampling.max_new_tokens):
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            result = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = result.past_key_values
+            tokens = next_tokens(result.logits[:, -1], sampling, generator).tolist()
+            for i, t in enumerate(tokens):
+                if done[i]:
+                    continue
+                if t in eos:
+                    done[i] = True
+                    continue
+                out[i].append(t)
+                if on_token is not None:
+                    on_token(i, t)
+                done[i] = _hits_stop(out[i], sampling, decode)
+            if all(done):
+                break
+            step_ids = torch.tensor(tokens, device=device)[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return [_cut_stop(row, sampling, decode) for row in out]
+
+
+def _hits_stop(row: list[int], s: Sampling, decode) -> bool:
+    return bool(s.stop) and decode is not None and any(x in decode(row) for x in s.stop)
+
+
+def _cut_stop(row: list[int], s: Sampling, decode) -> list[int]:
+    """Drop the tokens from the one that completes a stop string on."""
+    if not s.stop or decode is None:
+        return row
+    for n in range(1, len(row) + 1):
+        if any(x in decode(row[:n]) for x in s.stop):
+            return row[: n - 1]
+    return row

@@ -182,7 +182,10 @@ def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
             weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
         )
         if result.name in mapping:
-            yield mapping[result.name], torch.from_numpy(np.copy(result.weights))
+            # Only F32 tensors come back as read-only views of the mapped file; copying the
+            # others would double the peak for the largest tensor (the embedding).
+            array = result.weights if result.weights.flags.writeable else np.copy(result.weights)
+            yield mapping[result.name], torch.from_numpy(array)
         # Some processors (GPT-2's head, MoE experts) deposit tensors here instead.
         while parsed["tensors"]:
             yield parsed["tensors"].popitem()
@@ -200,9 +203,12 @@ def _put_tensor(
     module = model.get_submodule(module_name)
     if module_name in quantize and attr == "weight":
         weight = tensor.T if is_conv1d(module) else tensor  # Conv1D stores (in, out)
+        # A bias not read yet stays on meta inside the NF4Linear: it is filled when it arrives
+        # (from a later shard) or reported missing, never dropped silently.
         bias = getattr(module, "bias", None)
-        bias = bias if bias is not None and not bias.is_meta else None
-        _set_submodule(model, module_name, NF4Linear.from_weight(weight, bias, blocksize=blocksize))
+        quantized = NF4Linear.from_weight(weight, bias, blocksize=blocksize)
+        quantized.fan_in_fan_out = is_conv1d(module)  # so adapters record what PEFT will see
+        _set_submodule(model, module_name, quantized)
         return
     tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if attr in module._buffers:

@@ -16,7 +16,10 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -137,6 +140,32 @@ def use_grad_checkpointing(setting: str, model: nn.Module, tokens_per_batch: int
     return activations > free / 4
 
 
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def stop_on_interrupt():
+    """The first Ctrl-C asks the loop to stop after the current step (which then checkpoints);
+    a second one interrupts at once."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # --- checkpoints (safetensors + JSON, never pickle) -------------------------------------------
 
 
@@ -152,8 +181,11 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_
             if i in state:
                 tensors[f"adam.{key}.{n}"] = state[i][key].cpu().contiguous()
     tensors["rng.cpu"] = torch.get_rng_state()
-    meta = {"step": step, "adam_step": float(state[0]["step"]) if state else 0.0,
-            "metrics_lines": metrics_lines}  # fmt: skip
+    meta = {
+        "step": step,
+        "adam_step": float(state[0]["step"]) if state else 0.0,
+        "metrics_lines": metrics_lines,
+    }
     path.mkdir(parents=True, exist_ok=True)
     atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
     atomic_write_text(path / "state.json", json.dumps(meta) + "\n")
@@ -208,8 +240,14 @@ def prepare_out_dir(cfg: TrainConfig) -> Path:
     if cfg.resume and not (out / "checkpoint" / "state.json").is_file():
         raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
     if cfg.overwrite and not cfg.resume and holds_run:
-        for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl",
-                     "loss.png", "train_config.json", "README.md"):  # fmt: skip
+        for name in (
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "metrics.jsonl",
+            "loss.png",
+            "train_config.json",
+            "README.md",
+        ):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,9 +280,13 @@ def plot_losses(metrics_file: Path, png: Path) -> None:
 
 def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -> AdapterConfig:
     return AdapterConfig(
-        rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora,
-        target_modules=peft_targets, base_model=base_name,
-    )  # fmt: skip
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=peft_targets,
+        base_model=base_name,
+    )
 
 
 def attach_adapter(model: nn.Module, cfg: TrainConfig) -> tuple[list[str], object]:
@@ -369,8 +411,13 @@ def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, 
     return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
 
 
-def train(cfg: TrainConfig, model=None, tokenizer=None, base_name: str | None = None,
-          progress: bool = True) -> TrainResult:  # fmt: skip
+def train(
+    cfg: TrainConfig,
+    model=None,
+    tokenizer=None,
+    base_name: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Run one training job. `model`/`tokenizer` may be passed in (tests); else cfg.model loads."""
     from tqdm.auto import tqdm
 
@@ -426,8 +473,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, base_name: str | None = 
         log({"step": 0, "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk)})
     model.train()
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress)
-    t0, tokens_seen, step, interrupted = time.perf_counter(), 0, start, False
-    try:
+    t0, tokens_seen, done = time.perf_counter(), 0, start
+    with stop_on_interrupt() as stop:
         for step in range(start, total_steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup)
@@ -437,35 +484,41 @@ def train(cfg: TrainConfig, model=None, tokenizer=None, base_name: str | None = 
                 i = batch_order(n_micro, cfg.seed, m // n_micro)[m % n_micro]
                 micro.append(batch(train_set[i * cfg.batch_size : (i + 1) * cfg.batch_size]))
             row = train_step(model, optimizer, trainable, micro, device, dtype, cfg)
+            done = step + 1
             tokens_seen += row["tokens"]
             elapsed = time.perf_counter() - t0
-            row = {"step": step + 1, **row, "lr": optimizer.param_groups[0]["lr"],
-                   "tokens_per_s": tokens_seen / elapsed, "elapsed_s": elapsed}  # fmt: skip
+            row = {
+                "step": done,
+                **row,
+                "lr": optimizer.param_groups[0]["lr"],
+                "tokens_per_s": tokens_seen / elapsed,
+                "elapsed_s": elapsed,
+            }
             log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total_steps:
-                loss = evaluate(model, evals, device, dtype, cfg.loss_chunk)
-                log({"step": step + 1, "eval_loss": loss})
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
-                save_checkpoint(
-                    out / "checkpoint", model, optimizer, step + 1, _count_lines(metrics_file)
+            if stop.requested:
+                break
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total_steps:
+                log(
+                    {
+                        "step": done,
+                        "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk),
+                    }
                 )
-        step = total_steps
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
+            if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+                save_checkpoint(
+                    out / "checkpoint", model, optimizer, done, _count_lines(metrics_file)
+                )
+    bar.close()
+    interrupted = done < total_steps
     wall = time.perf_counter() - t0
-    if interrupted:
-        save_checkpoint(out / "checkpoint", model, optimizer, step, _count_lines(metrics_file))
-    else:
-        if evals:
-            log({"step": step, "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk)})
-        save_checkpoint(out / "checkpoint", model, optimizer, step, _count_lines(metrics_file))
+    if not interrupted and evals:
+        log({"step": done, "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk)})
+    save_checkpoint(out / "checkpoint", model, optimizer, done, _count_lines(metrics_file))
     save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name or cfg.model))
     plot_losses(metrics_file, out / "loss.png")
-    result = summarize(out, step, tokens_seen / max(wall, 1e-9), wall, interrupted)
+    result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
     write_model_card(out, cfg, base_name or cfg.model, result)
     return result
 
@@ -479,12 +532,16 @@ def summarize(out: Path, steps: int, tokens_per_s: float, wall: float, interrupt
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     losses = [r["loss"] for r in rows if "loss" in r]
     return TrainResult(
-        out=out, steps=steps, first_eval_loss=evals[0] if evals else None,
+        out=out,
+        steps=steps,
+        first_eval_loss=evals[0] if evals else None,
         final_eval_loss=evals[-1] if len(evals) > 1 else None,
-        final_train_loss=losses[-1] if losses else None, tokens_per_s=tokens_per_s, wall_s=wall,
+        final_train_loss=losses[-1] if losses else None,
+        tokens_per_s=tokens_per_s,
+        wall_s=wall,
         adapter_mb=(out / "adapter_model.safetensors").stat().st_size / 1e6,
         interrupted=interrupted,
-    )  # fmt: skip
+    )
 
 
 def write_model_card(out: Path, cfg: TrainConfig, base: str, r: TrainResult) -> None:
@@ -524,8 +581,7 @@ holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
 def held_out_answers(model, tokenizer, cfg: TrainConfig, n: int, max_new_tokens: int = 64):
     """Greedy answers of the bare base and of base + adapter to n held-out prompts."""
     from lorakit import data as D
-    from lorakit.generate import generate_ids
-    from lorakit.lora import set_active_adapters
+    from lorakit.generate import Sampling, generate_ids
 
     if cfg.eval_data:
         eval_ex = list(D.load_examples(cfg.eval_data, cfg.skip_bad_lines))
@@ -539,23 +595,29 @@ def held_out_answers(model, tokenizer, cfg: TrainConfig, n: int, max_new_tokens:
     if not chats:
         return []
     prompts = [D.encode_prompt(m[:-1], tokenizer) for m in chats]
-    eos = tokenizer.eos_token_id
-    pad = _pad_id(tokenizer)
-    answers = {}
     model.eval()
-    for label, active in (("base", []), ("tuned", ["default"])):
-        set_active_adapters(model, active)
-        with torch.autocast(
-            model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32
-        ):
-            ids = generate_ids(model, prompts, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-        answers[label] = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-    set_active_adapters(model, ["default"])
+    # One batch: the first n rows run the bare base, the next n the adapter.
+    rows = [None] * len(prompts) + ["default"] * len(prompts)
+    with torch.autocast(model.device.type, dtype=model.dtype, enabled=model.dtype != torch.float32):
+        ids = generate_ids(
+            model,
+            prompts * 2,
+            Sampling(max_new_tokens=max_new_tokens),
+            eos_ids=[tokenizer.eos_token_id],
+            pad_id=_pad_id(tokenizer),
+            adapters=rows,
+        )
+    texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+    answers = {"base": texts[: len(prompts)], "tuned": texts[len(prompts) :]}
     return [
-        {"prompt": m[-2]["content"], "base": answers["base"][i], "tuned": answers["tuned"][i],
-         "reference": _shorten(m[-1]["content"])}
+        {
+            "prompt": m[-2]["content"],
+            "base": answers["base"][i],
+            "tuned": answers["tuned"][i],
+            "reference": _shorten(m[-1]["content"]),
+        }
         for i, m in enumerate(chats)
-    ]  # fmt: skip
+    ]
 
 
 def _shorten(text: str, limit: int = 240) -> str:
@@ -567,7 +629,13 @@ def run_training(cfg: TrainConfig, samples: int = 3):
     from lorakit.loading import load_model
 
     validate(cfg)
-    prepare_out_dir(cfg)  # refuse a bad --out before the slow model load
+    from lorakit import data as D
+
+    # Refuse a bad --out or data file before the slow model load.
+    prepare_out_dir(cfg)
+    D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
+    if cfg.eval_data:
+        D.load_examples(cfg.eval_data, cfg.skip_bad_lines)
     device = resolve_device(cfg.device)
     model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
     result = train(cfg, model, tokenizer, base_name=source.name)

@@ -1,0 +1,81 @@
+"""Peak memory of loading a model: lorakit's streaming NF4 load vs transformers' fp32 load.
+
+Each load runs in its own fresh Python process, so each peak (ru_maxrss) is that load's alone.
+The "after imports" column is the same process's peak before loading (python + torch +
+transformers), so "load" = peak - imports is what the load itself added.
+
+    python bench/load_memory.py                 # the embedded default model (smollm2)
+    python bench/load_memory.py --model DIR_OR_GGUF
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+# The code each child process runs; it prints one JSON line.
+CHILD = r"""
+import json, resource, sys, time
+import torch, transformers  # noqa: F401  (import cost is measured apart from the load)
+import lorakit.loading as loading
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+which, spec = sys.argv[1], sys.argv[2]
+source = loading.resolve_model(spec)
+before = peak_mb()
+start = time.perf_counter()
+if which == "lorakit-nf4":
+    model, _, _ = loading.load_model(spec, quant="nf4", with_tokenizer=False)
+else:
+    from transformers import AutoModelForCausalLM
+    if source.kind == "gguf":
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path.parent, gguf_file=source.path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
+seconds = time.perf_counter() - start
+params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+print(json.dumps({"imports_mb": before, "peak_mb": peak_mb(), "seconds": seconds,
+                  "tensors_mb": sum(t.numel() * t.element_size() for t in
+                                    list(model.parameters()) + list(model.buffers())) / 2**20}))
+"""
+
+RUNS = {
+    "lorakit-nf4": "lorakit load_model(quant='nf4')",
+    "transformers-fp32": "transformers from_pretrained fp32",
+}
+
+
+def measure(which: str, model: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, which, model], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        sys.exit(f"{which} failed:\n{out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="model dir, .gguf file or alias")
+    args = parser.parse_args()
+
+    print(f"model: {args.model}")
+    header = f"{'load':<36}{'peak RSS':>10}{'after imports':>15}{'load adds':>11}"
+    header += f"{'tensors':>9}{'time':>8}"
+    print(header)
+    for which, label in RUNS.items():
+        r = measure(which, args.model)
+        print(
+            f"{label:<36}{r['peak_mb']:>7.0f} MB{r['imports_mb']:>12.0f} MB"
+            f"{r['peak_mb'] - r['imports_mb']:>8.0f} MB{r['tensors_mb']:>6.0f} MB"
+            f"{r['seconds']:>7.1f}s"
+        )
+
+
+if __name__ == "__main__":
+    main()

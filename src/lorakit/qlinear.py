@@ -1,0 +1,146 @@
+"""A frozen linear layer whose weight is stored in NF4 (see nf4.py).
+
+What is in here:
+- ``NF4Linear``: drop-in replacement for a frozen ``nn.Linear``; the 4-bit weight lives in
+  buffers, so it moves with ``.to(device)`` and never shows up in ``parameters()``.
+- ``_NF4Matmul``: the autograd function behind it. Forward dequantizes the weight into the
+  compute dtype and multiplies; only the packed 4-bit state is saved, and backward dequantizes
+  again. That is QLoRA's memory trick: no full-precision weight outlives the matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nf4 import NF4State, dequantize_nf4, quantize_nf4
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ W.T in ``dtype``, W dequantized on the fly; W itself never gets a gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, state: NF4State, dtype: torch.dtype) -> Tensor:
+        # Save the 4-bit tensors, not the dequantized weight (~4x bigger in bf16, ~8x in fp32).
+        # Going through save_for_backward lets autograd check they are not modified in place
+        # before backward, and lets torch.utils.checkpoint and saved-tensor hooks see them.
+        ctx.save_for_backward(state.packed, state.absmax, state.absmax_scale, state.absmax_code)
+        ctx.state, ctx.x_dtype = state, x.dtype
+        # Autocast must not re-cast what we already put in the compute dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(dtype), dequantize_nf4(state, dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        packed, absmax, absmax_scale, absmax_code = ctx.saved_tensors
+        state = dataclasses.replace(
+            ctx.state,
+            packed=packed,
+            absmax=absmax,
+            absmax_scale=absmax_scale,
+            absmax_code=absmax_code,
+        )
+        with torch.autocast(grad_out.device.type, enabled=False):
+            weight = dequantize_nf4(state, grad_out.dtype)  # (out, in)
+            grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
+        return grad_x.to(ctx.x_dtype), None, None
+
+
+class NF4Linear(nn.Module):
+    """``y = x @ W.T + b`` with W frozen in NF4 (bitsandbytes' layout) and b optional.
+
+    Computes in the autocast dtype when autocast is on, otherwise in ``x.dtype``. The bias is a
+    frozen ``nn.Parameter`` (``requires_grad=False``), as in a QLoRA base model; set
+    ``requires_grad`` on it to train it.
+    """
+
+    def __init__(self, state: NF4State, bias: Tensor | None = None) -> None:
+        super().__init__()
+        _check_2d(state.shape)
+        self.out_features, self.in_features = state.shape
+        # The non-tensor part of the state; the tensors are buffers, so .to(device) moves them.
+        self.weight_shape = state.shape
+        self.weight_dtype = state.dtype
+        self.blocksize = state.blocksize
+        self.blocksize2 = state.blocksize2
+        self.offset = state.offset
+        # float32 tensors are kept as their int32 bit patterns: model.to(torch.bfloat16) and
+        # model.half() cast every floating-point buffer, which would silently round the scales.
+        self.register_buffer("packed", state.packed)
+        self.register_buffer("absmax", _as_bits(state.absmax))
+        self.register_buffer("absmax_scale", _as_bits(state.absmax_scale))
+        self.register_buffer("absmax_code", _as_bits(state.absmax_code))
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        blocksize: int = 64,
+        double_quant: bool = True,
+    ) -> NF4Linear:
+        """Quantize a (out, in) weight (on its own device) into a new NF4Linear."""
+        _check_2d(weight.shape)
+        return cls(quantize_nf4(weight, blocksize, double_quant), bias)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True
+    ) -> NF4Linear:
+        """Quantize an ``nn.Linear``; the bias is copied as it is."""
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_weight(linear.weight.detach(), bias, blocksize, double_quant)
+
+    @property
+    def state(self) -> NF4State:
+        """The NF4State of the weight, built from the current buffers (so on their device)."""
+        return NF4State(
+            packed=self.packed,
+            absmax=_from_bits(self.absmax),
+            shape=self.weight_shape,
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            offset=self.offset,
+            absmax_scale=_from_bits(self.absmax_scale),
+            absmax_code=_from_bits(self.absmax_code),
+            blocksize2=self.blocksize2,
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The (out, in) weight in ``dtype`` (default: the dtype it was quantized from)."""
+        return dequantize_nf4(self.state, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device)
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        y = _NF4Matmul.apply(x, self.state, dtype)
+        # Added outside the autograd function so that a bias made trainable gets its gradient.
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.offset is not None else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}{dq}"
+        )
+
+
+def _check_2d(shape: torch.Size) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"NF4Linear needs a 2-D (out, in) weight, got shape {tuple(shape)}")
+
+
+def _as_bits(t: Tensor | None) -> Tensor | None:
+    return t.view(torch.int32) if t is not None and t.dtype == torch.float32 else t
+
+
+def _from_bits(t: Tensor | None) -> Tensor | None:
+    return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t

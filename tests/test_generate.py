@@ -1,0 +1,85 @@
+"""Generation: greedy equals transformers', mixed-adapter batches equal rows alone, limits."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lorakit.errors import LorakitError
+from lorakit.generate import Sampling, generate_ids
+from lorakit.lora import attach_lora, set_active_adapters
+
+PROMPTS = [[5, 17, 42, 9], [7, 8], [100, 3, 3, 3, 250, 11]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_greedy_equals_transformers_generate_row_by_row(kind):
+    model = tiny_model(kind)
+    ours = generate_ids(model, PROMPTS, Sampling(max_new_tokens=12), pad_id=0)
+    for prompt, row in zip(PROMPTS, ours, strict=True):
+        ref = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+        assert row == ref[0, len(prompt) :].tolist()
+
+
+def _two_adapters(model):
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    for adapter in ("a", "b"):
+        attach_lora(model, names, adapter, rank=4, alpha=8)
+        for n in names:
+            torch.nn.init.normal_(model.get_submodule(n).lora_B[adapter].weight, std=0.5)
+
+
+def test_mixed_adapter_batch_equals_each_row_alone():
+    model = tiny_model("llama")
+    _two_adapters(model)
+    rows = ["a", None, "b"]
+    mixed = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), adapters=rows)
+    for prompt, adapter, got in zip(PROMPTS, rows, mixed, strict=True):
+        set_active_adapters(model, [adapter] if adapter else [])
+        assert got == generate_ids(model, [prompt], Sampling(max_new_tokens=10))[0]
+    assert len({tuple(r) for r in mixed}) == 3  # the adapters really change the output
+
+
+def test_eos_and_stop_strings_cut_the_output():
+    model = tiny_model("llama")
+    full = generate_ids(model, PROMPTS[:1], Sampling(max_new_tokens=10))[0]
+    cut = generate_ids(model, PROMPTS[:1], Sampling(max_new_tokens=10), eos_ids=[full[3]])[0]
+    assert cut == full[: full.index(full[3])]
+
+    def decode(ids):
+        return " ".join(map(str, ids))
+
+    stop = Sampling(max_new_tokens=10, stop=(f" {full[2]} ",))
+    assert generate_ids(model, PROMPTS[:1], stop, decode=decode)[0] == full[:2]
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = tiny_model("llama")
+    s = Sampling(max_new_tokens=8, temperature=1.0, seed=3)
+    assert generate_ids(model, PROMPTS, s) == generate_ids(model, PROMPTS, s)
+    greedy = generate_ids(model, PROMPTS, Sampling(max_new_tokens=8))
+    assert generate_ids(model, PROMPTS, Sampling(8, temperature=0.7, top_k=1, seed=1)) == greedy
+
+
+def test_streaming_callback_sees_every_token():
+    model = tiny_model("llama")
+    seen = []
+    out = generate_ids(
+        model, PROMPTS[:1], Sampling(max_new_tokens=6), on_token=lambda i, t: seen.append(t)
+    )
+    assert seen == out[0]
+
+
+def test_limits_are_clear_errors():
+    model = tiny_model("llama")  # context 256
+    with pytest.raises(LorakitError, match="exceed the model's context of 256"):
+        generate_ids(model, [[1] * 250], Sampling(max_new_tokens=10))
+    with pytest.raises(LorakitError, match="empty prompt"):
+        generate_ids(model, [[]])
+    with pytest.raises(LorakitError, match="top-p"):
+        generate_ids(model, PROMPTS, Sampling(top_p=0))
