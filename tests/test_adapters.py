@@ -493,3 +493,44 @@ def test_same_name_on_some_of_the_modules_is_refused_before_attaching(saved, tmp
     with pytest.raises(LorakitError, match="'default' already exists"):
         load_adapter(model, saved)
     assert {n for n, _ in lora_layers(model)} == wrapped
+
+
+def test_config_that_cannot_be_written_replaces_nothing(saved):
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    _, other, config = _adapted("llama", rank=2, seed=7)
+    config.alpha_pattern = {"q_proj": torch.tensor(3.0)}  # not JSON
+    with pytest.raises(TypeError):
+        save_adapter(other, saved, config)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("tiny_model_dir", ["llama", "gpt2"], indirect=True)
+def test_qlora_adapter_loads_in_peft_over_the_dequantized_base(tiny_model_dir, tmp_path):
+    """An adapter trained on the NF4 base is an ordinary PEFT adapter (fan_in_fan_out for GPT-2)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.loading import load_model
+    from lorakit.qlinear import NF4Linear
+
+    model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32, with_tokenizer=False)
+    modules, targets = resolve_targets(model, "default")
+    attach_lora(model, modules, rank=4, alpha=8)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B["default"].weight.normal_(0, 0.1)
+    save_adapter(model, tmp_path, AdapterConfig(rank=4, alpha=8, target_modules=targets))
+    gpt2 = model.config.model_type == "gpt2"
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["fan_in_fan_out"] is gpt2
+
+    # PEFT's base: the fp32 model with each quantized weight replaced by its NF4 value.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, NF4Linear):
+                weight = base.get_submodule(name.removesuffix(".base_layer")).weight
+                approx = module.dequantized_weight(torch.float32)
+                weight.copy_(approx.T if gpt2 else approx)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+    torch.testing.assert_close(_logits(peft_model), _logits(model), rtol=1e-5, atol=1e-5)

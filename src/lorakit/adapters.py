@@ -10,6 +10,7 @@ features we do not implement are refused by name, never silently ignored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -128,8 +129,6 @@ def save_adapter(
     model: nn.Module, path: str | os.PathLike, config: AdapterConfig, name: str = "default"
 ) -> Path:
     """Write adapter `name` in PEFT's format (each file atomically); returns the directory."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     # fp32 as PEFT's adapters usually are, whatever dtype the model was cast to (bf16 -> fp32
     # is exact).
@@ -144,12 +143,7 @@ def save_adapter(
         for _, layer in lora_layers(model)
         if name in layer.lora_A
     )
-    # Serialize the config first: if it cannot be, neither file has been replaced yet.
-    config_text = json.dumps(config.to_peft(), indent=2) + "\n"
-    atomic_write(
-        path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
-    )
-    atomic_write_text(path / CONFIG_NAME, config_text)
+    _write_adapter(path, tensors, config)
     return path
 
 
@@ -258,3 +252,168 @@ def _features(module: nn.Module) -> tuple[int, int]:
     if not is_linear_like(module):
         raise LorakitError(f"the adapter targets a {type(module).__name__}, not a linear layer")
     return layer_features(module)
+
+
+def combine_adapters(
+    paths: list[str | os.PathLike], weights: list[float], out: str | os.PathLike
+) -> AdapterConfig:
+    """One adapter whose update is sum_i w_i * (its update), exactly, for any ranks.
+
+    delta_i = s_i B_i A_i, so sum_i w_i delta_i = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...] @ [A_1; ...]:
+    A and B are concatenated along the rank (modules an adapter lacks get zero blocks) and the
+    new scaling is 1 (alpha = rank).
+    """
+    if len(paths) != len(weights):
+        raise LorakitError(f"{len(weights)} weights for {len(paths)} adapters")
+    loaded = [
+        (cfg, _group_weights(w, Path(p)))
+        for p, (cfg, w) in zip(paths, map(read_adapter, paths), strict=True)
+    ]
+    modules = sorted({m for _, mods in loaded for m in mods})
+    shapes: dict[str, tuple[int, int]] = {}
+    for path, (_, mods) in zip(paths, loaded, strict=True):
+        for m, pair in mods.items():
+            shape = (pair["A"].shape[1], pair["B"].shape[0])
+            if shapes.setdefault(m, shape) != shape:
+                raise LorakitError(
+                    f"{path}: {m} has shape {shape}, another adapter {shapes[m]}: "
+                    "these adapters belong to different base models"
+                )
+    ranks = [max(pair["A"].shape[0] for pair in mods.values()) for _, mods in loaded]
+    tensors = {}
+    for m in modules:
+        fin, fout = shapes[m]
+        a_blocks, b_blocks = [], []
+        for (cfg, mods), w, r in zip(loaded, weights, ranks, strict=True):
+            pair = mods.get(m)
+            if pair is None:
+                a_blocks.append(torch.zeros(r, fin))
+                b_blocks.append(torch.zeros(fout, r))
+                continue
+            rank = pair["A"].shape[0]
+            alpha = cfg.alpha_for(m)
+            scaling = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
+            pad = r - rank  # a module with a smaller rank (rank_pattern) is padded with zeros
+            a_blocks.append(torch.cat([pair["A"].float(), torch.zeros(pad, fin)]))
+            b_blocks.append(
+                torch.cat([pair["B"].float() * (w * scaling), torch.zeros(fout, pad)], 1)
+            )
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = torch.cat(a_blocks).contiguous()
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = torch.cat(b_blocks, 1).contiguous()
+    first = loaded[0][0]
+    total = sum(ranks)
+    config = AdapterConfig(
+        rank=total,
+        alpha=float(total),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        base_model=first.base_model,
+        fan_in_fan_out=first.fan_in_fan_out,
+    )
+    _write_adapter(Path(out), tensors, config)
+    return config
+
+
+def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+    from safetensors.torch import save_file
+
+    # Serialize the config first: if that fails, neither file has been replaced yet.
+    config_text = json.dumps(config.to_peft(), indent=2) + "\n"
+    atomic_write(
+        path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    atomic_write_text(path / CONFIG_NAME, config_text)
+
+
+def merge_into_base(model_spec: str, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Fold an adapter into a full-precision copy of the base; save a plain transformers model.
+
+    Never re-quantized: the merged weights stay in the base's float dtype (fp32 here). The
+    directory is written to a temporary sibling and renamed, so it is never half-written.
+    """
+    import shutil
+    import tempfile
+
+    from lorakit.loading import load_model
+    from lorakit.lora import merge_lora
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise LorakitError(f"{out} exists and is not empty; choose a new --out directory")
+    model, tokenizer, _ = load_model(model_spec, quant="none", dtype=torch.float32)
+    load_adapter(model, adapter, name="merge")
+    merge_lora(model, "merge", unload=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def adapter_library(folder: str | os.PathLike, base: str | None = None) -> list[dict]:
+    """Every adapter directory under `folder`: name, base, rank, targets, size, training metrics."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorakitError(f"{folder} is not a directory")
+    rows = []
+    for config_file in sorted(folder.rglob(CONFIG_NAME)):
+        path = config_file.parent
+        try:
+            config = AdapterConfig.from_peft(json.loads(config_file.read_text()), str(config_file))
+        except (LorakitError, json.JSONDecodeError, ValueError) as e:
+            rows.append(
+                {
+                    "name": str(path.relative_to(folder)),
+                    "base_model": None,
+                    "rank": "?",
+                    "targets": "",
+                    "size_mb": 0.0,
+                    "steps": None,
+                    "eval_loss": None,
+                    "warning": f"{path}: unreadable adapter ({e})",
+                }
+            )
+            continue
+        weights = path / WEIGHTS_NAME
+        steps, eval_loss = _training_metrics(path)
+        targets = config.target_modules
+        row = {
+            "name": str(path.relative_to(folder)) if path != folder else path.name,
+            "path": str(path),
+            "base_model": config.base_model,
+            "rank": config.rank,
+            "targets": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+            "size_mb": weights.stat().st_size / 1e6 if weights.is_file() else 0.0,
+            "steps": steps,
+            "eval_loss": eval_loss,
+        }
+        if base is not None and config.base_model not in (None, base):
+            from lorakit.loading import resolve_model
+
+            if resolve_model(base).name != config.base_model:
+                row["warning"] = f"{row['name']} was trained on {config.base_model}, not {base}"
+        rows.append(row)
+    return rows
+
+
+def _training_metrics(path: Path) -> tuple[int | None, float | None]:
+    """(steps, final eval loss) from a lorakit run's metrics.jsonl, if there is one."""
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return None, None
+    steps, eval_loss = None, None
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        steps = row.get("step", steps)
+        eval_loss = row.get("eval_loss", eval_loss)
+    return steps, eval_loss

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from lorakit.errors import LorakitError
@@ -91,6 +92,227 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
 
 
+def _load_with_adapters(args: argparse.Namespace, quant: str = "nf4"):
+    """The base model plus each --adapter (NAME=DIR or DIR, named after its folder)."""
+    from pathlib import Path
+
+    from lorakit.adapters import load_adapter
+    from lorakit.loading import load_model
+
+    model, tokenizer, source = load_model(args.model, quant=quant)
+    names = []
+    for spec in args.adapter or []:
+        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        config = load_adapter(model, path, name=name)
+        if config.base_model and config.base_model != source.name:
+            print(
+                f"warning: adapter {name} was trained on {config.base_model}, not {source.name}",
+                file=sys.stderr,
+            )
+        names.append(name)
+    return model, tokenizer, source, names
+
+
+def _sampling(args: argparse.Namespace):
+    from lorakit.generate import Sampling
+
+    return Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=tuple(args.stop or ()),
+        seed=args.seed,
+    )
+
+
+def _reply(model, tokenizer, messages: list[dict], sampling, stream: bool) -> str:
+    from lorakit.data import encode_prompt
+    from lorakit.generate import generate_ids
+    from lorakit.loss import autocast
+
+    prompt = encode_prompt(messages, tokenizer)
+    streamed: list[int] = []
+    printed = ""
+
+    def on_token(row: int, token: int) -> None:
+        nonlocal printed
+        streamed.append(token)
+        text = tokenizer.decode(streamed, skip_special_tokens=True)
+        print(text[len(printed) :], end="", flush=True)
+        printed = text
+
+    with autocast(model.device, model.dtype):
+        ids = generate_ids(
+            model,
+            [prompt],
+            sampling,
+            eos_ids=[tokenizer.eos_token_id],
+            pad_id=tokenizer.pad_token_id or 0,
+            decode=lambda x: tokenizer.decode(x, skip_special_tokens=True),
+            on_token=on_token if stream else None,
+        )[0]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if stream:
+        print(text[len(printed) :])
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from lorakit.lora import set_active_adapters
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise LorakitError("empty prompt: pass --prompt TEXT or pipe text on stdin")
+    model, tokenizer, _, names = _load_with_adapters(args)
+    set_active_adapters(model, names)
+    messages = [{"role": "user", "content": prompt.strip()}]
+    if args.raw:
+        from lorakit.generate import generate_ids
+
+        ids = generate_ids(
+            model, [tokenizer.encode(prompt)], _sampling(args), eos_ids=[tokenizer.eos_token_id]
+        )[0]
+        print(tokenizer.decode(ids, skip_special_tokens=True))
+        return
+    _reply(model, tokenizer, messages, _sampling(args), stream=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lorakit.lora import set_active_adapters
+
+    model, tokenizer, source, names = _load_with_adapters(args)
+    set_active_adapters(model, names)
+    who = f"{source.name}" + (f" + {', '.join(names)}" if names else "")
+    print(f"chatting with {who}; empty line or Ctrl-D to quit, /reset to forget the history")
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            return
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        history.append(
+            {
+                "role": "assistant",
+                "content": _reply(model, tokenizer, history, _sampling(args), stream=True),
+            }
+        )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from lorakit import data as D
+    from lorakit.loading import default_dtype
+    from lorakit.lora import set_active_adapters
+    from lorakit.loss import dataset_batches, evaluate
+
+    if args.data:
+        examples = list(D.load_examples(args.data, args.skip_bad_lines))
+    else:
+        examples = D.split_examples(D.load_examples(D.default_dataset_path()))[1]
+    model, tokenizer, source, names = _load_with_adapters(args, quant=args.quant)
+    dtype = default_dtype(model.device)
+    batches = dataset_batches(examples, tokenizer, args.seq_len, args.batch_size, dtype)
+    rows = []
+    for name in [None, *names]:
+        set_active_adapters(model, [name] if name else [])
+        loss = evaluate(model, batches, model.device, dtype, 1024)
+        rows.append(
+            {
+                "model": name or f"base ({source.name})",
+                "loss": loss,
+                "perplexity": math.exp(loss) if loss is not None else None,
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["model"]) for r in rows)
+    print(f"{'model':<{width}}  {'loss':>8}  {'perplexity':>10}")
+    for r in rows:
+        print(f"{r['model']:<{width}}  {r['loss']:>8.4f}  {r['perplexity']:>10.2f}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lorakit.adapters import combine_adapters, merge_into_base
+
+    if not args.adapter:
+        raise LorakitError("give at least one --adapter DIR")
+    if args.combine or args.weights:
+        config = combine_adapters(args.adapter, _weights(args.weights, len(args.adapter)), args.out)
+        print(f"combined {len(args.adapter)} adapters into {args.out} (rank {config.rank})")
+        return
+    if len(args.adapter) > 1:
+        raise LorakitError(
+            "merge folds one adapter into the base; to combine several into one "
+            "adapter add --weights W1,W2,..."
+        )
+    merge_into_base(args.model, args.adapter[0], args.out)
+    print(f"merged {args.adapter[0]} into {args.model}: a transformers model in {args.out}")
+
+
+def _weights(text: str | None, n: int) -> list[float]:
+    if not text:
+        return [1.0 / n] * n
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise LorakitError(f"--weights {text!r}: give numbers separated by commas") from None
+    if len(weights) != n:
+        raise LorakitError(f"--weights has {len(weights)} numbers for {n} adapters")
+    if not all(math.isfinite(w) for w in weights) or sum(abs(w) for w in weights) == 0:
+        raise LorakitError(f"--weights {text!r} must be finite and not all zero")
+    return weights
+
+
+def cmd_adapters(args: argparse.Namespace) -> None:
+    from lorakit.adapters import adapter_library
+
+    rows = adapter_library(args.folder, base=args.model)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(f"no adapters under {args.folder}")
+        return
+    head = ("name", "base model", "rank", "targets", "MB", "steps", "eval loss")
+    table = [head] + [
+        (
+            r["name"],
+            r["base_model"] or "?",
+            str(r["rank"]),
+            r["targets"],
+            f"{r['size_mb']:.1f}",
+            str(r["steps"] or ""),
+            f"{r['eval_loss']:.4f}" if r["eval_loss"] is not None else "",
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for r in rows:
+        if r.get("warning"):
+            print(f"warning: {r['warning']}", file=sys.stderr)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
+    p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="QLoRA fine-tuning on the hardware you already have."
@@ -137,6 +359,42 @@ def build_parser() -> argparse.ArgumentParser:
     t("--overwrite", action="store_true", default=None, help="replace the run in --out")
     t("--samples", type=int, default=3, help="held-out prompts answered before/after (0: none)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="answer one prompt (--prompt or stdin), streamed")
+    _add_sampling_flags(p)
+    p.add_argument("--prompt", help="the prompt (default: read stdin)")
+    p.add_argument("--raw", action="store_true", help="continue the text; no chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with history")
+    _add_sampling_flags(p)
+    p.add_argument("--system", help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("eval", help="loss and perplexity of the base and each adapter")
+    p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
+    p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+    p.add_argument("--data", help="JSONL/TXT file (default: the embedded data's eval split)")
+    p.add_argument("--quant", choices=["nf4", "none"], default="nf4")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--skip-bad-lines", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="fold an adapter into the base, or combine adapters")
+    p.add_argument("--model", default="smollm2", help="base model (merge into it)")
+    p.add_argument("--adapter", action="append", help="adapter DIR (repeat to combine)")
+    p.add_argument("--weights", help="combine: comma-separated weights, one per adapter")
+    p.add_argument("--combine", action="store_true", help="combine adapters (equal weights)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("adapters", help="the adapters in a folder: base, rank, size, metrics")
+    p.add_argument("folder", nargs="?", default=".", help="folder to scan (default: .)")
+    p.add_argument("--model", help="warn about adapters trained on another base")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_adapters)
     return parser
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -24,14 +23,21 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from lorakit.adapters import AdapterConfig, save_adapter
-from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.atomic import atomic_write_text
 from lorakit.errors import LorakitError
 from lorakit.lora import attach_lora, mark_only_lora_trainable
+from lorakit.loss import autocast, causal_lm_loss, evaluate
+from lorakit.rundir import (
+    count_lines,
+    load_checkpoint,
+    plot_losses,
+    prepare_out_dir,
+    save_checkpoint,
+    write_model_card,
+)
 
 
 @dataclass
@@ -73,40 +79,6 @@ class TrainConfig:
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-
-# --- the loss ------------------------------------------------------------------------------------
-
-
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float):
-    logits = F.linear(hidden, weight).float()  # (n, V), one chunk at a time
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, labels, reduction="sum")
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024):
-    """(sum of token losses, number of labelled tokens) without full fp32 logits."""
-    out = model.base_model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, C): position t predicts token t+1
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    hidden, labels = hidden[keep], labels[keep]  # (n, C), (n,) only tokens that carry loss
-    weight = model.get_output_embeddings().weight
-    softcap = float(getattr(model.config, "final_logit_softcapping", 0) or 0)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, labels.numel(), chunk):
-        h, y = hidden[i : i + chunk], labels[i : i + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, y, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, y, softcap)
-    return total, labels.numel()
 
 
 # --- data order and schedule ---------------------------------------------------------------------
@@ -164,118 +136,6 @@ def stop_on_interrupt():
         yield flag
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-# --- checkpoints (safetensors + JSON, never pickle) -------------------------------------------
-
-
-def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_lines: int) -> None:
-    from safetensors.torch import save_file
-
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    tensors = {f"param.{n}": params[n].detach().cpu().contiguous() for n in names}
-    state = optimizer.state_dict()["state"]
-    for i, n in enumerate(names):
-        for key in ("exp_avg", "exp_avg_sq"):
-            if i in state:
-                tensors[f"adam.{key}.{n}"] = state[i][key].cpu().contiguous()
-    tensors["rng.cpu"] = torch.get_rng_state()
-    meta = {
-        "step": step,
-        "adam_step": float(state[0]["step"]) if state else 0.0,
-        "metrics_lines": metrics_lines,
-    }
-    path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(path / "state.json", json.dumps(meta) + "\n")
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    from safetensors.torch import load_file
-
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    missing = [n for n in names if f"param.{n}" not in tensors]
-    if missing:
-        raise LorakitError(
-            f"checkpoint {path} does not match this run's adapter (no {missing[0]}); resume with "
-            "the same --model, --targets and --rank, or start over with --overwrite"
-        )
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(tensors[f"param.{n}"])
-    if meta["step"] > 0:
-        sd = optimizer.state_dict()
-        sd["state"] = {
-            i: {
-                "step": torch.tensor(meta["adam_step"]),
-                "exp_avg": tensors[f"adam.exp_avg.{n}"].to(params[n].device),
-                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{n}"].to(params[n].device),
-            }
-            for i, n in enumerate(names)
-        }
-        optimizer.load_state_dict(sd)
-    torch.set_rng_state(tensors["rng.cpu"])
-    return meta
-
-
-# --- output directory ----------------------------------------------------------------------------
-
-
-def prepare_out_dir(cfg: TrainConfig) -> Path:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"--out {out} is a file; give a directory")
-    holds_run = out.is_dir() and any(
-        (out / f).exists() for f in ("adapter_config.json", "metrics.jsonl", "checkpoint")
-    )
-    if holds_run and not (cfg.resume or cfg.overwrite):
-        raise LorakitError(
-            f"{out} already holds a training run; use --resume to continue it, --overwrite to "
-            "replace it, or --out to choose another directory"
-        )
-    if cfg.resume and not (out / "checkpoint" / "state.json").is_file():
-        raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
-    if cfg.overwrite and not cfg.resume and holds_run:
-        for name in (
-            "adapter_config.json",
-            "adapter_model.safetensors",
-            "metrics.jsonl",
-            "loss.png",
-            "train_config.json",
-            "README.md",
-        ):
-            (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-def plot_losses(metrics_file: Path, png: Path) -> None:
-    """The loss curve as a picture: train loss per step, eval loss where measured."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats / token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -> AdapterConfig:
@@ -376,29 +236,13 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], device, dtype, chunk: int) -> float | None:
-    """Mean loss per labelled token over the eval batches."""
-    if not batches:
-        return None
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss_sum, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
-        total, count = total + loss_sum.item(), count + n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
 def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, cfg) -> dict:
     """One optimizer step over `batches` (the accumulated micro-batches); returns its metrics."""
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(device, dtype):
             loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
         # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.
         (loss_sum / max(n_total, 1)).backward()
@@ -508,23 +352,19 @@ def train(
                 )
             if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
                 save_checkpoint(
-                    out / "checkpoint", model, optimizer, done, _count_lines(metrics_file)
+                    out / "checkpoint", model, optimizer, done, count_lines(metrics_file)
                 )
     bar.close()
     interrupted = done < total_steps
     wall = time.perf_counter() - t0
     if not interrupted and evals:
         log({"step": done, "eval_loss": evaluate(model, evals, device, dtype, cfg.loss_chunk)})
-    save_checkpoint(out / "checkpoint", model, optimizer, done, _count_lines(metrics_file))
+    save_checkpoint(out / "checkpoint", model, optimizer, done, count_lines(metrics_file))
     save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name or cfg.model))
     plot_losses(metrics_file, out / "loss.png")
     result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
     write_model_card(out, cfg, base_name or cfg.model, result)
     return result
-
-
-def _count_lines(path: Path) -> int:
-    return len(path.read_text().splitlines())
 
 
 def summarize(out: Path, steps: int, tokens_per_s: float, wall: float, interrupted: bool):
@@ -542,40 +382,6 @@ def summarize(out: Path, steps: int, tokens_per_s: float, wall: float, interrupt
         adapter_mb=(out / "adapter_model.safetensors").stat().st_size / 1e6,
         interrupted=interrupted,
     )
-
-
-def write_model_card(out: Path, cfg: TrainConfig, base: str, r: TrainResult) -> None:
-    def fmt(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.4f}"
-
-    card = f"""# LoRA adapter for {base}
-
-Trained with lorakit ({"QLoRA, NF4 base" if cfg.quant == "nf4" else "LoRA, full-precision base"}).
-
-| | |
-|---|---|
-| base model | `{base}` |
-| data | `{cfg.data or "embedded Jargon File 4.4.7 instructions"}` |
-| rank / alpha / dropout | {cfg.rank} / {cfg.alpha} / {cfg.dropout} |
-| targets | `{cfg.targets}` |
-| steps | {r.steps} ({cfg.batch_size} x {cfg.grad_accum} sequences of {cfg.seq_len} tokens) |
-| eval loss before -> after | {fmt(r.first_eval_loss)} -> {fmt(r.final_eval_loss)} |
-| final train loss | {fmt(r.final_train_loss)} |
-| adapter size | {r.adapter_mb:.1f} MB |
-
-## Use it
-
-    lorakit generate --model {cfg.model} --adapter {out} --prompt "..."
-
-or with transformers + PEFT:
-
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(base_model, "{out}")
-
-The files are PEFT's: `adapter_config.json`, `adapter_model.safetensors`. `train_config.json`
-holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
-"""
-    atomic_write_text(out / "README.md", card)
 
 
 def held_out_answers(model, tokenizer, cfg: TrainConfig, n: int, max_new_tokens: int = 64):

@@ -1,0 +1,166 @@
+"""The training output directory: checkpoints, metrics, loss curve and model card.
+
+Checkpoints are safetensors + JSON (never pickle), every file written atomically, so Ctrl-C or
+a full disk never leaves a half-written checkpoint or adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.errors import LorakitError
+
+RUN_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "metrics.jsonl",
+    "loss.png",
+    "train_config.json",
+    "README.md",
+)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_lines: int) -> None:
+    from safetensors.torch import save_file
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    tensors = {f"param.{n}": params[n].detach().cpu().contiguous() for n in names}
+    state = optimizer.state_dict()["state"]
+    for i, n in enumerate(names):
+        for key in ("exp_avg", "exp_avg_sq"):
+            if i in state:
+                tensors[f"adam.{key}.{n}"] = state[i][key].cpu().contiguous()
+    tensors["rng.cpu"] = torch.get_rng_state()
+    meta = {
+        "step": step,
+        "adam_step": float(state[0]["step"]) if state else 0.0,
+        "metrics_lines": metrics_lines,
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write_text(path / "state.json", json.dumps(meta) + "\n")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    from safetensors.torch import load_file
+
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    missing = [n for n in names if f"param.{n}" not in tensors]
+    if missing:
+        raise LorakitError(
+            f"checkpoint {path} does not match this run's adapter (no {missing[0]}); resume with "
+            "the same --model, --targets and --rank, or start over with --overwrite"
+        )
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(tensors[f"param.{n}"])
+    if meta["step"] > 0:
+        sd = optimizer.state_dict()
+        sd["state"] = {
+            i: {
+                "step": torch.tensor(meta["adam_step"]),
+                "exp_avg": tensors[f"adam.exp_avg.{n}"].to(params[n].device),
+                "exp_avg_sq": tensors[f"adam.exp_avg_sq.{n}"].to(params[n].device),
+            }
+            for i, n in enumerate(names)
+        }
+        optimizer.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.cpu"])
+    return meta
+
+
+def prepare_out_dir(cfg) -> Path:
+    """The output directory of `cfg` (a TrainConfig), refusing to clobber an earlier run."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise LorakitError(f"--out {out} is a file; give a directory")
+    holds_run = out.is_dir() and any(
+        (out / f).exists() for f in ("adapter_config.json", "metrics.jsonl", "checkpoint")
+    )
+    if holds_run and not (cfg.resume or cfg.overwrite):
+        raise LorakitError(
+            f"{out} already holds a training run; use --resume to continue it, --overwrite to "
+            "replace it, or --out to choose another directory"
+        )
+    if cfg.resume and not (out / "checkpoint" / "state.json").is_file():
+        raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
+    if cfg.overwrite and not cfg.resume and holds_run:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def plot_losses(metrics_file: Path, png: Path) -> None:
+    """The loss curve as a picture: train loss per step, eval loss where measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def count_lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def write_model_card(out: Path, cfg, base: str, r) -> None:
+    """README.md for the adapter: what it is, how it was trained, how to use it."""
+
+    def fmt(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    card = f"""# LoRA adapter for {base}
+
+Trained with lorakit ({"QLoRA, NF4 base" if cfg.quant == "nf4" else "LoRA, full-precision base"}).
+
+| | |
+|---|---|
+| base model | `{base}` |
+| data | `{cfg.data or "embedded Jargon File 4.4.7 instructions"}` |
+| rank / alpha / dropout | {cfg.rank} / {cfg.alpha} / {cfg.dropout} |
+| targets | `{cfg.targets}` |
+| steps | {r.steps} ({cfg.batch_size} x {cfg.grad_accum} sequences of {cfg.seq_len} tokens) |
+| eval loss before -> after | {fmt(r.first_eval_loss)} -> {fmt(r.final_eval_loss)} |
+| final train loss | {fmt(r.final_train_loss)} |
+| adapter size | {r.adapter_mb:.1f} MB |
+
+## Use it
+
+    lorakit generate --model {cfg.model} --adapter {out} --prompt "..."
+
+or with transformers + PEFT:
+
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(base_model, "{out}")
+
+The files are PEFT's: `adapter_config.json`, `adapter_model.safetensors`. `train_config.json`
+holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
+"""
+    atomic_write_text(out / "README.md", card)
