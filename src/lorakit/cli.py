@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     t("--quant", choices=["nf4", "none"], help="nf4 = QLoRA (default); none = plain LoRA")
     t("--rank", type=int, help="LoRA rank (default 16)")
     t("--alpha", type=float, help="LoRA alpha (default 32)")
-    t("--dropout", type=float, help="LoRA dropout (default 0.05)")
+    t("--dropout", type=float, help="LoRA dropout (default 0)")
     t("--use-rslora", action="store_true", default=None, help="rank-stabilised LoRA scaling")
     t("--targets", help="default, all-linear, names (q_proj,v_proj) or re:REGEX")
     t("--steps", type=int, help="optimizer steps (default: --epochs over the data)")

@@ -1,8 +1,10 @@
 """The causal-LM loss without full fp32 logits, and evaluation over batches.
 
-Only positions that carry a label are projected to the vocabulary, in chunks whose logits are
-recomputed in backward (activation checkpointing), so the (tokens x vocabulary) fp32 logits
-never exist at once: for SmolLM2's 49k vocabulary and 2k tokens that is 400 MB saved per batch.
+Only positions that carry a label are projected to the vocabulary, a chunk at a time. For a
+frozen output head (always, with LoRA) `LinearCrossEntropy` computes each chunk's loss and its
+gradient with respect to the hidden states in the same pass and keeps only that gradient
+(n x hidden), never logits: for SmolLM2's 49k vocabulary and 2k tokens the fp32 logits alone
+would be 400 MB, and a checkpointed loss would compute them twice.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -18,11 +19,47 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float):
-    logits = F.linear(hidden, weight).float()  # (n, V), one chunk at a time
-    if softcap:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, labels, reduction="sum")
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, labels_i) for a frozen weight, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, softcap: float):  # noqa: ANN001
+        needs_grad = hidden.requires_grad
+        grad = torch.empty_like(hidden) if needs_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, labels.numel(), chunk):
+            h, y = hidden[i : i + chunk], labels[i : i + chunk]
+            logits = F.linear(h, weight).float()  # (n, V): one chunk at a time, then freed
+            if softcap:
+                tanh = torch.tanh(logits / softcap)
+                logits = softcap * tanh
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if needs_grad:
+                # d loss / d logits = softmax - onehot (through the softcap's tanh if any)
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(len(y), device=y.device), y] -= 1
+                if softcap:
+                    probs.mul_(1 - tanh.square_())
+                grad[i : i + chunk] = probs.to(h.dtype) @ weight.to(h.dtype)
+        ctx.save_for_backward(grad if needs_grad else hidden.new_empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # noqa: ANN001
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None
+
+
+def _plain_chunk_loss(hidden, weight, labels, chunk: int, softcap: float) -> torch.Tensor:
+    """The same sum for a head that trains too (autograd keeps each chunk's logits)."""
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, labels.numel(), chunk):
+        logits = F.linear(hidden[i : i + chunk], weight).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        total = total + F.cross_entropy(logits, labels[i : i + chunk], reduction="sum")
+    return total
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024):
@@ -39,14 +76,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int 
     hidden, labels = hidden[keep], labels[keep]  # (n, C), (n,) only tokens that carry loss
     weight = model.get_output_embeddings().weight
     softcap = float(getattr(model.config, "final_logit_softcapping", 0) or 0)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, labels.numel(), chunk):
-        h, y = hidden[i : i + chunk], labels[i : i + chunk]
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, h, weight, y, softcap, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(h, weight, y, softcap)
-    return total, labels.numel()
+    if weight.requires_grad:
+        return _plain_chunk_loss(hidden, weight, labels, chunk, softcap), labels.numel()
+    if torch.is_autocast_enabled(hidden.device.type):
+        # autograd.Function bodies see autocast too, but be explicit about the matmul dtype.
+        compute = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(compute), weight.to(compute)
+    return LinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap), labels.numel()
 
 
 @torch.no_grad()

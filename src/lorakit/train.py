@@ -51,7 +51,7 @@ class TrainConfig:
     quant: str = "nf4"  # nf4 (QLoRA) or none (plain LoRA over a full-precision base)
     rank: int = 16  # LoRA rank r
     alpha: float = 32.0  # LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rslora)
-    dropout: float = 0.05  # dropout on the LoRA input
+    dropout: float = 0.0  # dropout on the LoRA input (PEFT's default; 0.05-0.1 for long runs)
     use_rslora: bool = False  # rank-stabilised scaling
     targets: str = "default"  # default, all-linear, names, or re:REGEX (see lorakit inspect)
     steps: int | None = None  # optimizer steps; None = run `epochs` over the data
