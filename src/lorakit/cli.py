@@ -45,6 +45,10 @@ def read_config_file(path: str) -> dict:
     raise LorakitError(f"config file {path}: use a .toml, .yaml or .yml file")
 
 
+# `lorakit train` on the embedded data, without --steps/--epochs/--lr: a few minutes on 2 cores.
+DEMO_PRESET = {"steps": 30, "lr": 1e-3}
+
+
 def train_config(args: argparse.Namespace):
     """Defaults < --config file < flags given on the command line."""
     from lorakit.train import TrainConfig
@@ -59,6 +63,8 @@ def train_config(args: argparse.Namespace):
             + ", ".join(k for k in keys if k != "extra")
         )
     settings.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
+    if settings.get("data") is None and not {"steps", "epochs", "lr"} & settings.keys():
+        settings.update(DEMO_PRESET)  # the embedded data: a quick demo, not a full epoch
     try:
         return TrainConfig(**settings)
     except TypeError as e:
@@ -341,12 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     t("--dropout", type=float, help="LoRA dropout (default 0)")
     t("--use-rslora", action="store_true", default=None, help="rank-stabilised LoRA scaling")
     t("--targets", help="default, all-linear, names (q_proj,v_proj) or re:REGEX")
-    t("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    t("--steps", type=int, help="optimizer steps (default: --epochs; 30 on the embedded data)")
     t("--epochs", type=float, help="passes over the data when --steps is not given (default 1)")
     t("--batch-size", type=int, help="packed sequences per micro-batch (default 4)")
     t("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     t("--seq-len", type=int, help="tokens per packed sequence (default 512)")
-    t("--lr", type=float, help="peak learning rate (default 2e-4)")
+    t("--lr", type=float, help="peak learning rate (default 2e-4; 1e-3 for the 30-step demo)")
     t("--warmup", type=float, help="warmup steps, or a fraction of all steps if < 1")
     t("--eval-every", type=int, help="steps between eval losses (default: start and end)")
     t("--save-every", type=int, help="steps between checkpoints (default 50)")

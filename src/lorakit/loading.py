@@ -11,6 +11,7 @@ too large for RAM in fp32 still loads if it fits in NF4. Weights are never unpic
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -76,22 +77,26 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
     return ModelSource("hf", path, str(path))
 
 
-def _gguf_metadata(source: ModelSource) -> dict:
+@functools.lru_cache(maxsize=2)
+def _gguf_config(path: Path) -> dict:
+    """The transformers config dict in a GGUF file's metadata (parsing it takes seconds)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     try:
-        return load_gguf_checkpoint(str(source.path), return_tensors=False)
+        return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
     except Exception as e:  # gguf raises plain ValueError/KeyError on a bad file
-        raise LorakitError(f"cannot read GGUF file {source.path}: {e}") from None
+        raise LorakitError(f"{path} is not a GGUF file or is corrupt ({e})") from None
 
 
 def load_config(source: ModelSource):
     """The transformers config of the model (reads metadata only)."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
-        if source.kind == "gguf":
-            return AutoConfig.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        if source.kind == "gguf":  # what AutoConfig does with gguf_file=, parsing only once
+            config = dict(_gguf_config(source.path))
+            return CONFIG_MAPPING[config["model_type"]].from_dict(config)
         return AutoConfig.from_pretrained(source.path)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
         raise LorakitError(f"cannot read the model config of {source.path}: {e}") from None
@@ -172,8 +177,7 @@ def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
 
     reader = GGUFReader(str(source.path))
     arch = read_field(reader, "general.architecture")[0]
-    config = _gguf_metadata(source)["config"]
-    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=dict(_gguf_config(source.path)))
     mapping = get_gguf_hf_weights_map(model, processor)
     parsed: dict = {"tensors": {}}
     for tensor in reader.tensors:
