@@ -4,7 +4,7 @@ The QLoRA paper's claim is parity: 4-bit NF4 with double quantization loses (alm
 against a 16-bit base. This runs both on the default model and data, one after the other in
 one process, and prints a Markdown table with the eval losses and their ratio.
 
-    python bench/qlora_vs_lora.py --steps 60
+    python bench/qlora_vs_lora.py --steps 30
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from lorakit.train import TrainConfig, train
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rows = []
@@ -38,6 +39,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 seq_len=args.seq_len,
                 seed=args.seed,
+                lr=args.lr,
             )
             t = time.perf_counter()
             r = train(cfg, model, tok, source.name, progress=False)

@@ -114,3 +114,19 @@ def test_candidates_see_gpt2_c_proj_twice():
     report = anatomy(tiny_model("gpt2"))
     names = {c["name"] for c in report["candidates"]}
     assert {"attn.c_proj", "mlp.c_proj", "c_attn", "c_fc"} <= names
+
+
+def test_targets_resolve_the_same_after_lora_is_attached():
+    from lorakit.lora import attach_lora
+
+    model = tiny_model("llama")
+    before, _ = resolve_targets(model, "default")
+    attach_lora(model, before, "first")
+    after, _ = resolve_targets(model, "default")
+    assert after == before
+    assert (
+        resolve_targets(model, "all-linear")[0]
+        == resolve_targets(tiny_model("llama"), "all-linear")[0]
+    )
+    attach_lora(model, after, "second")  # a second adapter on the same layers
+    assert set(model.get_submodule(before[0]).lora_A) == {"first", "second"}

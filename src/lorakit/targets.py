@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora import is_linear_like, layer_features
+from lorakit.lora import LoRALinear, is_linear_like, layer_features
 
 # Attention projections per `config.model_type` (names as in transformers' modeling files).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -71,13 +71,18 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear-like module that may carry an adapter (the output head never does)."""
+    """Every linear-like module that may carry an adapter (the output head never does).
+
+    A layer already wrapped by LoRA counts under its own name (not `.base_layer`).
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if is_linear_like(module) and module is not head and ".lora_" not in name
-    }
+    found = {}
+    for name, module in model.named_modules():
+        wrapped = isinstance(module, LoRALinear)
+        inside = name.endswith(".base_layer") or ".lora_" in name
+        if wrapped or (is_linear_like(module) and module is not head and not inside):
+            found[name] = module
+    return found
 
 
 def role(module_name: str) -> str:
