@@ -83,3 +83,16 @@ def test_limits_are_clear_errors():
         generate_ids(model, [[]])
     with pytest.raises(LorakitError, match="top-p"):
         generate_ids(model, PROMPTS, Sampling(top_p=0))
+
+
+def test_cached_dequantized_weights_give_the_same_tokens(tiny_model_dir):
+    from lorakit.loading import load_model
+    from lorakit.qlinear import NF4Linear
+
+    model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
+    per_token = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=False)
+    cached = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=True)
+    assert cached == per_token
+    assert not any(
+        "_cached_weight" in m.__dict__ for m in model.modules() if isinstance(m, NF4Linear)
+    )

@@ -390,3 +390,18 @@ def test_smollm2_nf4_has_210_nf4_layers(smollm2_fp32):
     assert loss_nf4 - loss_fp32 < 0.5, (loss_fp32, loss_nf4)
     assert (quantized.argmax(-1) == fp32.argmax(-1)).float().mean().item() > 0.5
     assert _rel(quantized, fp32) < 0.3
+
+
+def test_unsupported_architecture_is_one_clear_error(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import T5Config
+
+    T5Config(d_model=8, num_layers=1, num_heads=1, d_kv=8, d_ff=8, vocab_size=10).save_pretrained(
+        tmp_path
+    )
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(LorakitError, match="unsupported architecture 't5'"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    with pytest.raises(LorakitError, match="cannot read the model config"):
+        load_model(tmp_path)

@@ -7,6 +7,7 @@ step feeds only the new tokens and reuses the cache. Temperature 0 is greedy (de
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora import row_adapters
+from lorakit.qlinear import dequantized_weights
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,13 @@ def generate_ids(
     adapters: Sequence[str | None] | None = None,
     decode: Callable[[list[int]], str] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    cache_weights: bool = True,
 ) -> list[list[int]]:
     """New token ids for each prompt (eos and stop strings cut off).
 
     `decode` (ids -> text) is needed for stop strings; `on_token(row, token)` streams tokens.
+    `cache_weights` dequantizes NF4 weights once for the whole generation (faster; costs the
+    model's size in the compute dtype while it runs); False dequantizes them per token.
     """
     sampling.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -107,18 +112,26 @@ def generate_ids(
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     cache, step_ids = None, ids
+    # transformers 5 renamed `past_key_values` to `cache`; older releases know only the former.
+    cache_name = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     per_row = row_adapters(model, adapters) if adapters is not None else nullcontext()
-    with per_row:
+    dtype = (
+        torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    )
+    fast = dequantized_weights(model, dtype or model.dtype) if cache_weights else nullcontext()
+    with per_row, fast:
         for _ in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             result = model(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_name: cache},
             )
-            cache = result.past_key_values
+            cache = getattr(result, cache_name)
             tokens = next_tokens(result.logits[:, -1], sampling, generator).tolist()
             for i, t in enumerate(tokens):
                 if done[i]:

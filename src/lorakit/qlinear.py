@@ -6,11 +6,14 @@ What is in here:
 - ``_NF4Matmul``: the autograd function behind it. Forward dequantizes the weight into the
   compute dtype and multiplies; only the packed 4-bit state is saved, and backward dequantizes
   again. That is QLoRA's memory trick: no full-precision weight outlives the matmul.
+- ``dequantized_weights``: for decoding, dequantize each weight once instead of per token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -121,7 +124,11 @@ class NF4Linear(nn.Module):
         device = x.device.type
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        y = _NF4Matmul.apply(x, self.state, dtype)
+        cached = self.__dict__.get("_cached_weight")
+        if cached is not None and cached.dtype == dtype and not torch.is_grad_enabled():
+            y = F.linear(x.to(dtype), cached)  # decoding: the weight dequantized once
+        else:
+            y = _NF4Matmul.apply(x, self.state, dtype)
         # Added outside the autograd function so that a bias made trainable gets its gradient.
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -131,6 +138,23 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}{dq}"
         )
+
+
+@contextmanager
+def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, NF4 layers run no-grad forwards on a weight dequantized once.
+
+    Token-by-token decoding would otherwise dequantize every weight for every token. It costs
+    the model's size in `dtype` for as long as the block lasts (NF4 stays the stored format).
+    """
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    try:
+        for layer in layers:
+            layer.__dict__["_cached_weight"] = layer.dequantized_weight(dtype)
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_cached_weight", None)
 
 
 def _check_2d(shape: torch.Size) -> None:
