@@ -63,25 +63,17 @@ def tiny_tokenizer_no_template(_tiny_tokenizer_base):
 
 # --- tiny random models built from configs (no download) ---------------------------------------
 
+_LLAMA_LIKE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 TINY_CONFIGS = {
-    "llama": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ),
-    "qwen2": dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    ),
+    "llama": dict(_LLAMA_LIKE, tie_word_embeddings=True),
+    "qwen2": dict(_LLAMA_LIKE, tie_word_embeddings=False),
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
 }
 

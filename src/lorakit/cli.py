@@ -308,9 +308,13 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             print(f"warning: {r['warning']}", file=sys.stderr)
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
     p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    _add_model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -378,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="loss and perplexity of the base and each adapter")
-    p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
-    p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+    _add_model_flags(p)
     p.add_argument("--data", help="JSONL/TXT file (default: the embedded data's eval split)")
     p.add_argument("--quant", choices=["nf4", "none"], default="nf4")
     p.add_argument("--seq-len", type=int, default=512)
