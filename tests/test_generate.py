@@ -96,3 +96,28 @@ def test_cached_dequantized_weights_give_the_same_tokens(tiny_model_dir):
     assert not any(
         "_cached_weight" in m.__dict__ for m in model.modules() if isinstance(m, NF4Linear)
     )
+
+
+def test_weight_cache_is_automatic_and_sized(tiny_model_dir, monkeypatch):
+    import lorakit.generate as G
+    from lorakit.loading import load_model
+    from lorakit.qlinear import dequantized_bytes
+
+    model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
+    n = sum(
+        m.in_features * m.out_features for m in model.modules() if type(m).__name__ == "NF4Linear"
+    )
+    assert dequantized_bytes(model, torch.bfloat16) == 2 * n
+    used = []
+    real = G.dequantized_weights
+
+    def spy(m, dtype):
+        used.append(dtype)
+        return real(m, dtype)
+
+    monkeypatch.setattr(G, "dequantized_weights", spy)
+    generate_ids(model, PROMPTS, Sampling(max_new_tokens=2))
+    assert used == [torch.float32]  # plenty of memory: cached
+    monkeypatch.setattr(G, "free_memory", lambda device: 2 * n)  # too little: per token
+    generate_ids(model, PROMPTS, Sampling(max_new_tokens=2))
+    assert used == [torch.float32]

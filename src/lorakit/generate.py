@@ -8,6 +8,7 @@ step feeds only the new tokens and reuses the cache. Temperature 0 is greedy (de
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora import row_adapters
-from lorakit.qlinear import dequantized_weights
+from lorakit.qlinear import dequantized_bytes, dequantized_weights
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class Sampling:
             raise LorakitError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LorakitError(f"--top-k must be >= 0, got {self.top_k}")
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -79,13 +90,14 @@ def generate_ids(
     adapters: Sequence[str | None] | None = None,
     decode: Callable[[list[int]], str] | None = None,
     on_token: Callable[[int, int], None] | None = None,
-    cache_weights: bool = True,
+    cache_weights: bool | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (eos and stop strings cut off).
 
     `decode` (ids -> text) is needed for stop strings; `on_token(row, token)` streams tokens.
     `cache_weights` dequantizes NF4 weights once for the whole generation (faster; costs the
-    model's size in the compute dtype while it runs); False dequantizes them per token.
+    model's size in the compute dtype while it runs); False dequantizes them per token; None
+    (default) caches when that copy takes under half the free memory of the device.
     """
     sampling.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -120,7 +132,10 @@ def generate_ids(
     dtype = (
         torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
     )
-    fast = dequantized_weights(model, dtype or model.dtype) if cache_weights else nullcontext()
+    dtype = dtype or model.dtype
+    if cache_weights is None:
+        cache_weights = dequantized_bytes(model, dtype) < free_memory(device) / 2
+    fast = dequantized_weights(model, dtype) if cache_weights else nullcontext()
     with per_row, fast:
         for _ in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]

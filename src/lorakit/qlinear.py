@@ -140,6 +140,14 @@ class NF4Linear(nn.Module):
         )
 
 
+def dequantized_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """What `dequantized_weights(model, dtype)` would hold: every NF4 weight in `dtype`."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    return sum(
+        m.in_features * m.out_features * size for m in model.modules() if isinstance(m, NF4Linear)
+    )
+
+
 @contextmanager
 def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
     """Within the block, NF4 layers run no-grad forwards on a weight dequantized once.
