@@ -21,7 +21,14 @@ from torch import nn
 
 from lorakit.atomic import atomic_write, atomic_write_text
 from lorakit.errors import LorakitError
-from lorakit.lora import LoRALinear, attach_lora, is_conv1d, lora_layers
+from lorakit.lora import (
+    LoRALinear,
+    attach_lora,
+    is_conv1d,
+    is_linear_like,
+    layer_features,
+    lora_layers,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -233,25 +240,19 @@ def _check_target(
             f"for another architecture (base: {config.base_model})"
         ) from None
     rank = a.shape[0]
-    target = module if isinstance(module, LoRALinear) else None
-    if target is not None and name in target.lora_A:
+    wrapped = isinstance(module, LoRALinear)
+    if wrapped and name in module.lora_A:
         raise LorakitError(
             f"adapter {name!r} already exists on {module_name}; load it under another name"
         )
-    in_f, out_f = (target.in_features, target.out_features) if target else _features(module)
+    if not (wrapped or is_linear_like(module)):
+        raise LorakitError(f"the adapter targets a {type(module).__name__}, not a linear layer")
+    in_f, out_f = layer_features(module)  # a LoRALinear reports its base layer's features
     if a.shape != (rank, in_f) or b.shape != (out_f, rank):
         raise LorakitError(
             f"{path}: {module_name} needs A {(rank, in_f)}, B {(out_f, rank)}; the adapter has "
             f"{tuple(a.shape)} and {tuple(b.shape)}: it was made for a model of another size"
         )
-
-
-def _features(module: nn.Module) -> tuple[int, int]:
-    from lorakit.lora import is_linear_like, layer_features
-
-    if not is_linear_like(module):
-        raise LorakitError(f"the adapter targets a {type(module).__name__}, not a linear layer")
-    return layer_features(module)
 
 
 def combine_adapters(

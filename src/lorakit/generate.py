@@ -73,8 +73,8 @@ def next_tokens(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1:
         sorted_logits, order = logits.sort(-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > s.top_p  # keep the token that crosses p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > s.top_p  # keep the token that crosses p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -129,10 +129,8 @@ def generate_ids(
         "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     )
     per_row = row_adapters(model, adapters) if adapters is not None else nullcontext()
-    dtype = (
-        torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-    )
-    dtype = dtype or model.dtype
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.dtype
     if cache_weights is None:
         cache_weights = dequantized_bytes(model, dtype) < free_memory(device) / 2
     fast = dequantized_weights(model, dtype) if cache_weights else nullcontext()
