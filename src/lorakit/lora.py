@@ -248,10 +248,3 @@ def merge_lora(model: nn.Module, name: str, unload: bool = False) -> None:
             layer.merge(name)
         if unload:
             _set_submodule(model, module_name, layer.base_layer)
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    names: dict[str, None] = {}
-    for _, layer in lora_layers(model):
-        names.update(dict.fromkeys(layer.lora_A))
-    return list(names)
