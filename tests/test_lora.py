@@ -116,13 +116,16 @@ def test_named_adapters_and_active_set():
         layer.add_adapter("c", 0, 4)
 
 
-def test_mixed_adapter_batch_equals_rows_alone():
+@pytest.mark.parametrize("same_targets", [True, False])
+def test_mixed_adapter_batch_equals_rows_alone(same_targets):
     model = tiny_model("llama")
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    names_b = names if same_targets else ["model.layers.1.mlp.down_proj"]  # b misses a's layers
     attach_lora(model, names, "a", rank=2, alpha=4)
-    attach_lora(model, names, "b", rank=4, alpha=4)
+    attach_lora(model, names_b, "b", rank=4, alpha=4)
     for n in names:
         _randomize_b(model.get_submodule(n), "a")
+    for n in names_b:
         _randomize_b(model.get_submodule(n), "b")
     ids = torch.randint(0, 400, (3, 7))
     rows = ["a", None, "b"]

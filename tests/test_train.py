@@ -114,17 +114,51 @@ def test_resume_follows_the_uninterrupted_curve(tmp_path, data_file, tiny_tokeni
     assert eval_resumed == pytest.approx(eval_full, rel=1e-6)
 
 
-def test_gradient_accumulation_equals_bigger_batch(tmp_path, data_file, tiny_tokenizer):
-    big = _run(
-        _cfg(tmp_path / "big", data_file, batch_size=4, steps=1, dropout=0.0), tiny_tokenizer
-    )
-    acc = _run(
-        _cfg(tmp_path / "acc", data_file, batch_size=2, grad_accum=2, steps=1, dropout=0.0),
-        tiny_tokenizer,
-    )
-    # Same sequences per step: the same micro-batch order is not guaranteed, so compare the
-    # gradient-free quantity that must match: the loss of step 1 over the same 4 sequences.
-    assert len(_losses(big.out)[0]) == len(_losses(acc.out)[0]) == 1
+def test_micro_batches_give_the_same_gradients_as_whole_batches(data_file, tiny_tokenizer):
+    # A batch of 4 sequences as 4 accumulated passes of 1 (the loss normalised over the whole
+    # batch) must give the gradients of one pass of 4.
+    from lorakit.data import collate, load_examples, pack_sequences, tokenize_example
+
+    examples = load_examples(str(data_file))
+    rows = pack_sequences([tokenize_example(e, tiny_tokenizer) for e in examples], 64)[:4]
+    cfg = T.TrainConfig(rank=4, alpha=8, batch_size=4)
+
+    class Recorder:  # an optimizer that only records the gradients it is given
+        param_groups: list = []
+
+        def __init__(self, params):
+            self.params = params
+
+        def step(self):
+            self.grads = [p.grad.clone() for p in self.params]
+
+        def zero_grad(self, set_to_none=True):
+            for p in self.params:
+                p.grad = None
+
+    def grads(micro: int):
+        model = tiny_model("llama", vocab_size=len(tiny_tokenizer))
+        T.attach_adapter(model, cfg)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        batches = []
+        for i in range(0, 4, micro):
+            b = collate(rows[i : i + micro])
+            b["real_tokens"] = torch.tensor(0)
+            batches.append(b)
+        rec = Recorder(trainable)
+        out = T.train_step(model, rec, trainable, batches, torch.device("cpu"), torch.float32, cfg)
+        return out["loss"], rec.grads
+
+    loss_whole, whole = grads(4)
+    loss_split, split = grads(1)
+    assert loss_split == pytest.approx(loss_whole, rel=1e-6)
+    assert any(g.abs().max() > 0 for g in whole)
+    for a, b in zip(split, whole, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert T.micro_batch_size(T.TrainConfig(batch_size=4), torch.device("cpu")) == 1
 
 
 def test_out_dir_holding_a_run_is_refused(tmp_path, data_file, tiny_tokenizer):

@@ -416,12 +416,12 @@ def collate(
     pad_id: int = 0,
     pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Rows -> model inputs: input_ids, labels, position_ids (B, T) and attention_mask (B, 1, T, T).
+    """Rows -> model inputs: input_ids, labels, position_ids, seq_ids (B, T); attention_mask.
 
-    attention_mask is additive in `dtype` (the model's compute dtype): 0 where token i may see
-    token j (same example, j <= i), finfo(dtype).min elsewhere. Padding tokens see only
-    themselves, so no row of the mask is fully masked (that gives NaN in some kernels); their
-    labels are -100, so they never reach the loss.
+    attention_mask (B, 1, T, T) is additive in `dtype` (the model's compute dtype): 0 where
+    token i may see token j (same example, j <= i), finfo(dtype).min elsewhere. Padding tokens
+    see only themselves, so no row of the mask is fully masked (that gives NaN in some kernels);
+    their labels are -100, so they never reach the loss.
     """
     T = pad_to or max(len(r) for r in rows)
     B = len(rows)
@@ -447,4 +447,5 @@ def collate(
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": mask,
+        "seq_ids": seq_ids,  # example index per token, -1 for padding (lorakit.attention)
     }

@@ -122,7 +122,7 @@ class LoRALinear(nn.Module):
         if self.merged_adapters:
             raise LorakitError("unmerge adapters before running a batch with per-row adapters")
         out = out.clone()
-        for name in dict.fromkeys(r for r in rows if r is not None):
+        for name in dict.fromkeys(r for r in rows if r is not None and r in self.lora_A):
             idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
             out[idx] += self._delta(x[idx], name).to(out.dtype)
         return out

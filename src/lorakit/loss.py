@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.attention import PACKED, segments_of
+
 
 def autocast(device: torch.device, dtype: torch.dtype):
     """bf16/fp16 autocast on `device`, or nothing for fp32."""
@@ -64,11 +66,15 @@ def _plain_chunk_loss(hidden, weight, labels, chunk: int, softcap: float) -> tor
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024):
     """(sum of token losses, number of labelled tokens) without full fp32 logits."""
+    extra = {}
+    if "seq_ids" in batch and getattr(model.config, "_attn_implementation", None) == PACKED:
+        extra["segments"] = segments_of(batch["seq_ids"])  # attend example by example
     out = model.base_model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **extra,
     )
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, C): position t predicts token t+1
     labels = batch["labels"][:, 1:]
