@@ -98,17 +98,23 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
 
 
-def _load_with_adapters(args: argparse.Namespace, quant: str = "nf4"):
-    """The base model plus each --adapter (NAME=DIR or DIR, named after its folder)."""
+def _adapter_spec(spec: str) -> tuple[str, str]:
+    """(name, dir) from an --adapter value: NAME=DIR, or DIR named after its folder."""
     from pathlib import Path
 
+    name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+    return name, path
+
+
+def _load_with_adapters(args: argparse.Namespace, quant: str = "nf4"):
+    """The base model plus each --adapter (NAME=DIR or DIR, named after its folder)."""
     from lorakit.adapters import load_adapter
     from lorakit.loading import load_model
 
     model, tokenizer, source = load_model(args.model, quant=quant)
     names = []
     for spec in args.adapter or []:
-        name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        name, path = _adapter_spec(spec)
         config = load_adapter(model, path, name=name)
         if config.base_model and config.base_model != source.name:
             print(
@@ -308,6 +314,56 @@ def cmd_adapters(args: argparse.Namespace) -> None:
             print(f"warning: {r['warning']}", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+    from pathlib import Path
+
+    try:
+        import uvicorn
+
+        from lorakit import serve
+    except ImportError as e:
+        raise LorakitError(
+            f"lorakit serve needs FastAPI and uvicorn ({e}); pip install 'lorakit[serve]'"
+        ) from None
+    from lorakit.engine import Engine
+    from lorakit.loading import load_model
+
+    if not 0 <= args.port <= 65535:
+        raise LorakitError(f"--port {args.port} is not a port number (0-65535)")
+    for flag in ("max_batch", "max_queue", "max_tokens"):
+        if getattr(args, flag) <= 0:
+            raise LorakitError(f"--{flag.replace('_', '-')} must be positive")
+    api_key = args.api_key or os.environ.get("LORAKIT_API_KEY") or None
+    adapters = [_adapter_spec(spec) for spec in args.adapter or []]
+    for adapter, path in adapters:
+        if not serve.ADAPTER_NAME.match(adapter):
+            raise LorakitError(f"adapter name {adapter!r}: use letters, digits, '.', '_', '-'")
+        if not Path(path).is_dir():
+            raise LorakitError(f"adapter directory {path} not found")
+    for folder in args.adapter_dir or []:
+        if not Path(folder).is_dir():
+            raise LorakitError(f"--adapter-dir {folder} is not a directory")
+    dirs = [Path(p).resolve().parent for _, p in adapters] + (args.adapter_dir or [])
+
+    model, tokenizer, source = load_model(args.model)
+    name = args.served_name or source.name
+    if name in {a for a, _ in adapters}:
+        raise LorakitError(f"{name!r} names both the base and an adapter; rename one")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    engine = Engine(model, eos, tokenizer.pad_token_id or 0, args.max_batch, args.max_queue)
+    for adapter, path in adapters:
+        config = engine.load_adapter(adapter, path).result()
+        if config.base_model and config.base_model != source.name:
+            print(f"warning: adapter {adapter} was trained on {config.base_model}", file=sys.stderr)
+    app = serve.create_app(engine, tokenizer, name, dirs, api_key, args.max_tokens)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"warning: serving on {args.host} without --api-key", file=sys.stderr)
+    models = ", ".join([name, *(a for a, _ in adapters)])
+    print(f"serving {models} at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
     p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
@@ -353,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     t("--targets", help="default, all-linear, names (q_proj,v_proj) or re:REGEX")
     t("--steps", type=int, help="optimizer steps (default: --epochs; 30 on the embedded data)")
     t("--epochs", type=float, help="passes over the data when --steps is not given (default 1)")
-    t("--batch-size", type=int, help="packed sequences per micro-batch (default 4)")
-    t("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    t("--batch-size", type=int, help="packed sequences per batch (default 4)")
+    t("--grad-accum", type=int, help="batches per optimizer step (default 1)")
+    t("--micro-batch", type=int, help="sequences per forward pass (default 0: auto, 1 on CPU)")
     t("--seq-len", type=int, help="tokens per packed sequence (default 512)")
     t("--lr", type=float, help="peak learning rate (default 2e-4; 1e-3 for the 30-step demo)")
     t("--warmup", type=float, help="warmup steps, or a fraction of all steps if < 1")
@@ -398,6 +455,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--combine", action="store_true", help="combine adapters (equal weights)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server: one base, many adapters chosen per request",
+        description="Serve the base and its adapters over OpenAI's API (/v1/models, "
+        "/v1/completions, /v1/chat/completions); a request's `model` names the base or an "
+        "adapter. POST /v1/adapters {name, path} and DELETE /v1/adapters/NAME load and unload "
+        "adapters while serving, from the allowed directories only: the parent folders of the "
+        "--adapter directories and every --adapter-dir.",
+    )
+    _add_model_flags(p)
+    p.add_argument("--adapter-dir", action="append", help="folder adapters may be loaded from")
+    p.add_argument("--served-name", help="the base's name in the API (default: the model's)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: 127.0.0.1, this machine only)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or LORAKIT_API_KEY)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        help="most new tokens a request may ask for (default 1024)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=32, help="most requests decoded together (default 32)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)"
+    )
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("adapters", help="the adapters in a folder: base, rank, size, metrics")
     p.add_argument("folder", nargs="?", default=".", help="folder to scan (default: .)")

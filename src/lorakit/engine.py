@@ -1,0 +1,395 @@
+"""Continuous batching: one thread owns the model and decodes every running request together.
+
+Each `step()` (1) runs queued commands (adapter load/unload) between forward passes, (2) admits
+waiting requests: one prefill forward over the new prompts (left-padded, each row with its own
+adapter), whose KV cache is then merged into the running batch, and (3) runs one decode forward
+for all running rows, each row with its own adapter, and hands each row its token. Finished or
+cancelled rows leave the batch at once (index_select on the cache), so a short request never
+waits for a long one and a new request never waits for the batch to drain.
+
+Every row is right-aligned: its tokens fill the last columns of the cache, padding sits on the
+left with attention mask 0, and positions are mask.cumsum - 1, as in `generate.generate_ids`;
+so a row's tokens are the same whatever it is batched with.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.adapters import load_adapter
+from lorakit.errors import LorakitError
+from lorakit.generate import Sampling, context_length, free_memory, next_tokens
+from lorakit.lora import LoRALinear, lora_layers
+from lorakit.loss import autocast
+from lorakit.qlinear import dequantized_bytes, dequantized_weights
+
+# emit(kind, value): ("token", id), ("finish", "stop" | "length") or ("error", message).
+Emit = Callable[[str, Any], None]
+
+
+class Busy(LorakitError):
+    """The waiting queue is full; the client should retry later (HTTP 429)."""
+
+
+class UnknownAdapter(LorakitError):
+    """No adapter of that name is loaded (HTTP 404)."""
+
+
+class AdapterInUse(LorakitError):
+    """An adapter cannot be unloaded while requests use it (HTTP 409)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: the engine calls `emit` from its thread for every event."""
+
+    prompt: list[int]
+    sampling: Sampling
+    emit: Emit
+    adapter: str | None = None  # None: the bare base
+    generated: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (thread-safe); the row leaves the batch before the next step."""
+        self.cancelled.set()
+
+
+@contextmanager
+def _row_adapters(layers: Sequence[LoRALinear], rows: list[str | None]):
+    """Like `lora.row_adapters`, but a layer an adapter does not target runs that row bare."""
+    for layer in layers:
+        layer.row_adapters = [r if r in layer.lora_A else None for r in rows]
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_adapters = None
+
+
+def _cat_rows(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Rows of a, then rows of b; the shorter one left-padded with zeros along `dim`."""
+    length = max(a.shape[dim], b.shape[dim])
+
+    def pad(x: torch.Tensor) -> torch.Tensor:
+        return F.pad(x, [0, 0] * (x.dim() - 1 - dim) + [length - x.shape[dim], 0])
+
+    return torch.cat([pad(a), pad(b)])
+
+
+class Engine:
+    """Continuous-batching generation over one model with many adapters (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eos_ids: Sequence[int] = (),
+        pad_id: int = 0,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        cache_weights: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.eos = set(eos_ids)
+        self.pad_id = pad_id
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.context = context_length(model)
+        self.vocab = model.get_input_embeddings().num_embeddings
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = model.dtype
+        if cache_weights is None:
+            cache_weights = dequantized_bytes(model, self.dtype) < free_memory(self.device) / 2
+        self.cache_weights = cache_weights
+        params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed `past_key_values` to `cache`; older releases know only the former.
+        self._cache_name = "cache" if "cache" in params else "past_key_values"
+        self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        _check_cache(model)
+        self.adapters: dict[str, str] = {}  # name -> directory it was loaded from
+        self._layers = [layer for _, layer in lora_layers(model)]
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._commands: deque[tuple[Callable[[], object], Future]] = deque()
+        self._thread: threading.Thread | None = None
+        self._admitting: list[Request] = []  # popped from the queue, not yet in the batch
+        self._stopping = False
+        # The running batch: rows, their KV cache, mask (B, T) and the token each feeds next.
+        self.rows: list[Request] = []
+        self._cache = None
+        self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
+        self._last = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows in each decode forward
+
+    # --- called from any thread -------------------------------------------------------------
+
+    def submit(self, request: Request) -> None:
+        """Queue a request, or raise LorakitError (bad request), UnknownAdapter or Busy."""
+        s = request.sampling
+        s.validate()
+        if not request.prompt:
+            raise LorakitError("empty prompt; give some text to continue")
+        if not all(0 <= t < self.vocab for t in request.prompt):
+            raise LorakitError(f"prompt token ids must lie in [0, {self.vocab})")
+        if self.context is not None and len(request.prompt) + s.max_new_tokens > self.context:
+            raise LorakitError(
+                f"prompt ({len(request.prompt)} tokens) + max_tokens ({s.max_new_tokens}) "
+                f"exceed the model's context of {self.context} tokens; shorten the prompt or "
+                "lower max_tokens"
+            )
+        with self._cond:
+            if request.adapter is not None and request.adapter not in self.adapters:
+                raise UnknownAdapter(f"no adapter named {request.adapter!r} is loaded")
+            if len(self._waiting) >= self.max_queue:
+                raise Busy(f"the server is busy ({self.max_queue} requests waiting); retry later")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between two steps (now, if the thread is not running)."""
+        future: Future = Future()
+        with self._cond:
+            if self._thread is not None:
+                self._commands.append((fn, future))
+                self._cond.notify()
+                return future
+        _run_command(fn, future)
+        return future
+
+    def load_adapter(self, name: str, path: str) -> Future:
+        def load() -> object:
+            if name in self.adapters:
+                raise LorakitError(f"an adapter named {name!r} is already loaded")
+            config = load_adapter(self.model, path, name=name)
+            self._layers = [layer for _, layer in lora_layers(self.model)]
+            with self._cond:
+                self.adapters[name] = str(path)
+            return config
+
+        return self.call(load)
+
+    def unload_adapter(self, name: str) -> Future:
+        def unload() -> None:
+            with self._cond:
+                if name not in self.adapters:
+                    raise UnknownAdapter(f"no adapter named {name!r} is loaded")
+                busy = sum(r.adapter == name for r in [*self.rows, *self._waiting])
+                if busy:
+                    raise AdapterInUse(
+                        f"adapter {name!r} is serving {busy} request(s); retry when they finish"
+                    )
+                del self.adapters[name]
+            for layer in self._layers:
+                if name in layer.lora_A:
+                    layer.delete_adapter(name)
+
+        return self.call(unload)
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) request counts."""
+        with self._cond:
+            return len(self.rows), len(self._waiting)
+
+    def start(self) -> None:
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+        with self._cond:
+            self._thread = None
+            pending = [*self.rows, *self._waiting]
+            self._waiting.clear()
+            commands = list(self._commands)
+            self._commands.clear()
+        for fn, future in commands:  # no thread any more: run what was asked of it here
+            _run_command(fn, future)
+        self._drop(set(pending))
+        for r in pending:
+            _emit(r, "error", "the server is shutting down")
+
+    # --- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        weights = dequantized_weights(self.model, self.dtype) if self.cache_weights else None
+        with weights or nullcontext():
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._commands or self.rows):
+                        self._cond.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # a failed step must not take the server down
+                    failed = {*self.rows, *self._admitting}
+                    self._drop(failed)
+                    self._admitting = []
+                    for r in failed:
+                        _emit(r, "error", f"generation failed: {e}")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Commands, then admission (prefill + merge), then one decode step for every row."""
+        self._drop({r for r in self.rows if r.cancelled.is_set()})
+        while True:
+            with self._cond:
+                if not self._commands:
+                    break
+                fn, future = self._commands.popleft()
+            _run_command(fn, future)
+        with autocast(self.device, self.dtype):
+            self._admit()
+            if not self.rows:
+                return
+            self.batch_sizes.append(len(self.rows))
+            logits, self._cache = self._forward(
+                self._last[:, None], self._mask, self._cache, self.rows
+            )
+            self._last = torch.tensor(self._deliver(self.rows, logits), device=self.device)
+            self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+            self._drop({r for r in self.rows if r.finished or r.cancelled.is_set()})
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, rows: list[Request]):
+        """Feed ids (B, t) after `cache`; mask (B, T) covers both. -> (last logits (B, V), cache)"""
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
+        with _row_adapters(self._layers, [r.adapter for r in rows]):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_name: cache},
+                **self._keep,
+            )
+        return out.logits[:, -1], getattr(out, self._cache_name)
+
+    def _admit(self) -> None:
+        """Prefill the waiting requests that fit, then merge them into the running batch."""
+        new: list[Request] = []
+        with self._cond:
+            while self._waiting and len(self.rows) + len(new) < self.max_batch:
+                r = self._waiting.popleft()
+                if not r.cancelled.is_set():
+                    new.append(r)
+        if not new:
+            return
+        self._admitting = new
+        longest = max(len(r.prompt) for r in new)
+        ids = torch.full((len(new), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(new):  # left padding: every prompt ends in the last column
+            ids[i, longest - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, longest - len(r.prompt) :] = 1
+            if r.sampling.seed is not None:
+                r.generator = torch.Generator(self.device).manual_seed(r.sampling.seed)
+        mask = mask.to(self.device)
+        logits, cache = self._forward(ids.to(self.device), mask, None, new)
+        last = torch.tensor(self._deliver(new, logits), device=self.device)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # the pending token
+        self._merge(new, cache, mask, last)
+        self._admitting = []
+        self._drop({r for r in new if r.finished or r.cancelled.is_set()})
+
+    def _merge(self, new: list[Request], cache, mask: torch.Tensor, last: torch.Tensor) -> None:
+        """Append rows to the batch: left-pad the shorter side with zeros, concatenate rows."""
+        with self._cond:
+            if not self.rows:
+                self.rows, self._cache, self._mask, self._last = new, cache, mask, last
+                return
+            for old, add in zip(self._cache.layers, cache.layers, strict=True):
+                old.keys = _cat_rows(old.keys, add.keys, dim=2)  # (B, heads, T, head_dim)
+                old.values = _cat_rows(old.values, add.values, dim=2)
+            self._mask = _cat_rows(self._mask, mask, dim=1)  # (B, T)
+            self._last = torch.cat([self._last, last])
+            self.rows = [*self.rows, *new]
+
+    def _deliver(self, rows: list[Request], logits: torch.Tensor) -> list[int]:
+        """Choose each row's next token (with its own sampling settings) and hand it over."""
+        tokens = logits.argmax(-1).tolist()
+        for i, r in enumerate(rows):
+            if r.sampling.temperature > 0:
+                tokens[i] = int(next_tokens(logits[i : i + 1], r.sampling, r.generator)[0])
+            if r.cancelled.is_set():
+                continue
+            if tokens[i] in self.eos:
+                r.finished = True
+                _emit(r, "finish", "stop")
+                continue
+            r.generated += 1
+            if not _emit(r, "token", tokens[i]):
+                r.cancel()
+            elif r.generated >= r.sampling.max_new_tokens:
+                r.finished = True
+                _emit(r, "finish", "length")
+        return tokens
+
+    def _drop(self, gone: set[Request]) -> None:
+        """Remove rows from the batch, then the leading columns that are padding in every row."""
+        if not gone & set(self.rows):
+            return
+        with self._cond:
+            keep = [i for i, r in enumerate(self.rows) if r not in gone]
+            self.rows = [self.rows[i] for i in keep]
+            if not keep:
+                self._cache, self._last, self._mask = None, self._last[:0], self._mask[:0, :0]
+                return
+            index = torch.tensor(keep, device=self.device)
+            self._mask, self._last = self._mask[index], self._last[index]
+            lead = int(self._mask.any(0).long().argmax())  # the first column some row uses
+            self._mask = self._mask[:, lead:]
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[index, :, lead:]
+                layer.values = layer.values[index, :, lead:]
+
+
+def _emit(r: Request, kind: str, value: Any) -> bool:
+    """Hand an event to the request's consumer; False if the consumer is gone."""
+    try:
+        r.emit(kind, value)
+        return True
+    except Exception:  # e.g. its event loop has closed
+        return False
+
+
+def _run_command(fn: Callable[[], object], future: Future) -> None:
+    try:
+        future.set_result(fn())
+    except Exception as e:
+        future.set_exception(e)
+
+
+def _check_cache(model: nn.Module) -> None:
+    """Merging caches needs transformers' DynamicCache with plain per-layer key/value tensors."""
+    try:
+        from transformers import DynamicCache
+
+        layers = DynamicCache(config=model.config).layers
+    except (ImportError, AttributeError, TypeError):
+        raise LorakitError(
+            "lorakit serve needs transformers' DynamicCache with per-layer tensors "
+            "(transformers >= 4.56); upgrade transformers"
+        ) from None
+    kinds = {type(layer).__name__ for layer in layers}
+    if kinds - {"DynamicLayer"}:
+        raise LorakitError(
+            f"lorakit serve supports full-attention caches only; this model uses {sorted(kinds)}"
+        )
