@@ -10,6 +10,9 @@ alternating lorakit / baseline for `--rounds`; `--warmup` steps are not timed.
 
     python bench/train_throughput.py --steps 3            # quick
     python bench/train_throughput.py --steps 30 --rounds 1   # the issue's full measurement
+    python bench/train_throughput.py --random-1b --steps 1 --warmup 0 --per-step 4 \
+        --lorakit-cache off
+        # memory at scale: load + one step of a random 1.1B LLaMA on both sides
 """
 
 from __future__ import annotations
@@ -41,10 +44,14 @@ steps, warmup, seq_len, per_step, micro = (args[k] for k in
 if args["side"] == "lorakit":
     from lorakit.loading import load_model
     from lorakit.loss import evaluate
-    from lorakit.train import TrainConfig, attach_adapter, train_step
-    model, tok, _ = load_model("smollm2")
-    cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=micro)
+    from lorakit.attention import enable_packed_attention
+    from lorakit.train import TrainConfig, attach_adapter, micro_batch_size, train_step
+    model, tok, _ = load_model(args["lorakit_model"])
+    cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step)
     attach_adapter(model, cfg)
+    if args["packed_attention"]:
+        enable_packed_attention(model)
+    micro = args["lorakit_micro"] or micro_batch_size(cfg, torch.device("cpu"))
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)
     def batch(rs):
@@ -55,6 +62,11 @@ if args["side"] == "lorakit":
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
+    from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
+    cache = args["lorakit_cache"] == "on" or (args["lorakit_cache"] == "auto" and
+        dequantized_bytes(model, torch.bfloat16) < free_memory(torch.device("cpu")) / 8)
+    if cache:  # the rule train() applies
+        dequantized_weights(model, torch.bfloat16).__enter__()
     losses, tokens, t0 = [], 0, None
     for step in range(warmup + steps):
         if step == warmup:
@@ -65,9 +77,11 @@ if args["side"] == "lorakit":
         losses.append(out["loss"])
         tokens += out["tokens"]
     seconds = time.perf_counter() - t0
-    evals = [batch(D.pack_sequences(eval_ex, seq_len))]
+    eval_rows = D.pack_sequences(eval_ex, seq_len)
+    evals = [batch(eval_rows[i : i + micro]) for i in range(0, len(eval_rows), micro)]
     cpu = torch.device("cpu")
-    report(tokens, seconds, losses, evaluate(model, evals, cpu, torch.bfloat16, 1024))
+    ev = evaluate(model, evals, cpu, torch.bfloat16, 1024) if args["eval"] else None
+    report(tokens, seconds, losses, ev)
 else:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -110,6 +124,9 @@ else:
         losses.append(step_loss)
         tokens += sum(len(i) for i, _ in items)
     seconds = time.perf_counter() - t0
+    if not args["eval"]:
+        report(tokens, seconds, losses, None)
+        sys.exit()
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         total = count = 0
@@ -128,7 +145,22 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--per-step", type=int, default=16, help="sequences per optimizer step")
-    p.add_argument("--micro", type=int, default=4, help="sequences per micro-batch")
+    p.add_argument("--micro", type=int, default=4, help="baseline: sequences per micro-batch")
+    p.add_argument(
+        "--lorakit-micro", type=int, default=0, help="lorakit: sequences per pass (0 = its auto)"
+    )
+    p.add_argument(
+        "--no-packed-attention", action="store_true", help="lorakit: masked sdpa (the old path)"
+    )
+    p.add_argument(
+        "--random-1b",
+        action="store_true",
+        help="memory at scale: a random ~1.1B LLaMA (no eval), both sides load it from disk",
+    )
+    p.add_argument(
+        "--lorakit-cache", default="auto", choices=["auto", "on", "off"], help="--cache-weights"
+    )
+    p.add_argument("--sides", default="lorakit,baseline", help="which to run, in order")
     p.add_argument("--rounds", type=int, default=1, help="lorakit/baseline alternations")
     args = p.parse_args()
 
@@ -138,6 +170,30 @@ def main() -> None:
 
     hf_dir = tempfile.mkdtemp()
     full, tok, _ = load_model("smollm2", quant="none", dtype=torch.float32)
+    if args.random_1b:  # LLaMA architecture at ~1.1B (TinyLlama's shape), random weights
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=full.config.vocab_size,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        del full
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            full = LlamaForCausalLM(config)
+        full.to_empty(device="cpu")
+        full.to(torch.bfloat16)
+        with torch.no_grad():
+            for p in full.parameters():
+                p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
+        print(f"random LLaMA: {sum(p.numel() for p in full.parameters()) / 1e9:.2f}B parameters")
     full.save_pretrained(hf_dir)
     tok.save_pretrained(hf_dir)
     del full
@@ -147,11 +203,16 @@ def main() -> None:
         "seq_len": args.seq_len,
         "per_step": args.per_step,
         "micro": args.micro,
+        "lorakit_micro": args.lorakit_micro,
+        "lorakit_cache": args.lorakit_cache,
+        "packed_attention": not args.no_packed_attention,
         "hf_dir": hf_dir,
+        "lorakit_model": hf_dir if args.random_1b else "smollm2",
+        "eval": not args.random_1b,
     }
     results: dict[str, list[dict]] = {"lorakit": [], "baseline": []}
     for _ in range(args.rounds):
-        for side in ("lorakit", "baseline"):
+        for side in args.sides.split(","):
             child = json.dumps({**settings, "side": side})
             run = subprocess.run(
                 [sys.executable, "-c", CHILD, child], capture_output=True, text=True
@@ -160,10 +221,15 @@ def main() -> None:
                 sys.exit(f"{side} run failed:\n{run.stderr[-3000:]}")
             out = run.stdout
             results[side].append(json.loads(out.strip().splitlines()[-1]))
-    best = {s: max(r, key=lambda x: x["tokens_per_s"]) for s, r in results.items()}
+    best = {s: max(r, key=lambda x: x["tokens_per_s"]) for s, r in results.items() if r}
+    for side, r in best.items():
+        print(side, json.dumps({k: v for k, v in r.items() if k != "losses"}))
+    if len(best) < 2:
+        return
     a, b = best["lorakit"], best["baseline"]
+    name = "random LLaMA 1.17B" if args.random_1b else "SmolLM2-135M"
     print(
-        f"\nSmolLM2-135M, NF4 + double quant, bf16, r=16 q/k/v/o, {args.per_step} sequences "
+        f"\n{name}, NF4 + double quant, bf16, r=16 q/k/v/o, {args.per_step} sequences "
         f"per step (<= {args.seq_len} tokens), {args.steps} timed steps after {args.warmup}, "
         f"{torch.get_num_threads()} threads\n"
     )
@@ -177,6 +243,8 @@ def main() -> None:
         f"| peak RSS (MB) | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x |"
     )
+    if a["eval_loss"] is None:
+        return
     print(
         f"| eval loss after (32 held-out examples) | {a['eval_loss']:.4f} | "
         f"{b['eval_loss']:.4f} | {a['eval_loss'] / b['eval_loss']:.4f} |"

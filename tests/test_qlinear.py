@@ -123,6 +123,30 @@ def test_activation_checkpointing(use_reentrant):
     torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_weight_gives_the_same_forward_and_grad_without_dequantizing(dtype, monkeypatch):
+    import lorakit.qlinear as Q
+
+    layer = make_layer()
+    x = randn(2, 5, IN, dtype=dtype).requires_grad_()
+    y = layer(x)
+    y.backward(randn(2, 5, OUT, dtype=dtype, seed=3))
+    expected_y, expected_grad = y.detach(), x.grad
+    x.grad = None
+    with Q.dequantized_weights(layer, dtype):
+        calls = []
+        monkeypatch.setattr(Q, "dequantize_nf4", lambda *a: calls.append(a))  # must not run
+        y = layer(x)
+        y.backward(randn(2, 5, OUT, dtype=dtype, seed=3))
+        with torch.no_grad():
+            y_nograd = layer(x)
+    assert not calls
+    torch.testing.assert_close(y.detach(), expected_y, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, expected_grad, atol=0, rtol=0)
+    torch.testing.assert_close(y_nograd, expected_y, atol=0, rtol=0)
+    assert "_cached_weight" not in layer.__dict__  # released on leaving the block
+
+
 def test_backward_saves_only_the_packed_weight():
     layer = make_layer()
     x = randn(16, IN).requires_grad_()

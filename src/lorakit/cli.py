@@ -419,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     t("--save-every", type=int, help="steps between checkpoints (default 50)")
     t("--seed", type=int, help="random seed (default 0)")
     t("--grad-checkpointing", choices=["auto", "on", "off"], help="default auto")
+    t(
+        "--cache-weights",
+        choices=["auto", "on", "off"],
+        help="keep the 4-bit base dequantized during the run: faster, costs its bf16 size "
+        "(default auto: on when that is under 1/8 of free memory)",
+    )
     t("--train-on-prompt", action="store_true", default=None, help="loss on prompt tokens too")
     t("--skip-bad-lines", action="store_true", default=None, help="skip malformed data lines")
     t("--device", choices=["auto", "cpu", "cuda"], help="default auto")

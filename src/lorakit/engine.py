@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +29,10 @@ from torch import nn
 
 from lorakit.adapters import load_adapter
 from lorakit.errors import LorakitError
-from lorakit.generate import Sampling, context_length, free_memory, next_tokens
-from lorakit.lora import LoRALinear, lora_layers
+from lorakit.generate import Sampling, cache_kwarg, context_length, next_tokens
+from lorakit.lora import lora_layers, row_adapters
 from lorakit.loss import autocast
-from lorakit.qlinear import dequantized_bytes, dequantized_weights
+from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 
 # emit(kind, value): ("token", id), ("finish", "stop" | "length") or ("error", message).
 Emit = Callable[[str, Any], None]
@@ -66,18 +66,6 @@ class Request:
     def cancel(self) -> None:
         """Stop generating (thread-safe); the row leaves the batch before the next step."""
         self.cancelled.set()
-
-
-@contextmanager
-def _row_adapters(layers: Sequence[LoRALinear], rows: list[str | None]):
-    """Like `lora.row_adapters`, but a layer an adapter does not target runs that row bare."""
-    for layer in layers:
-        layer.row_adapters = [r if r in layer.lora_A else None for r in rows]
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.row_adapters = None
 
 
 def _cat_rows(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -115,12 +103,10 @@ class Engine:
             cache_weights = dequantized_bytes(model, self.dtype) < free_memory(self.device) / 2
         self.cache_weights = cache_weights
         params = inspect.signature(model.forward).parameters
-        # transformers 5 renamed `past_key_values` to `cache`; older releases know only the former.
-        self._cache_name = "cache" if "cache" in params else "past_key_values"
+        self._cache_name = cache_kwarg(model)
         self._keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         _check_cache(model)
         self.adapters: dict[str, str] = {}  # name -> directory it was loaded from
-        self._layers = [layer for _, layer in lora_layers(model)]
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], object], Future]] = deque()
@@ -174,7 +160,6 @@ class Engine:
             if name in self.adapters:
                 raise LorakitError(f"an adapter named {name!r} is already loaded")
             config = load_adapter(self.model, path, name=name)
-            self._layers = [layer for _, layer in lora_layers(self.model)]
             with self._cond:
                 self.adapters[name] = str(path)
             return config
@@ -192,7 +177,7 @@ class Engine:
                         f"adapter {name!r} is serving {busy} request(s); retry when they finish"
                     )
                 del self.adapters[name]
-            for layer in self._layers:
+            for _, layer in lora_layers(self.model):
                 if name in layer.lora_A:
                     layer.delete_adapter(name)
 
@@ -271,7 +256,7 @@ class Engine:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, rows: list[Request]):
         """Feed ids (B, t) after `cache`; mask (B, T) covers both. -> (last logits (B, V), cache)"""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        with _row_adapters(self._layers, [r.adapter for r in rows]):
+        with row_adapters(self.model, [r.adapter for r in rows]):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,

@@ -8,7 +8,6 @@ step feeds only the new tokens and reuses the cache. Temperature 0 is greedy (de
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora import row_adapters
-from lorakit.qlinear import dequantized_bytes, dequantized_weights
+from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 
 
 @dataclass(frozen=True)
@@ -43,22 +42,18 @@ class Sampling:
             raise LorakitError(f"--top-k must be >= 0, got {self.top_k}")
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free on the device (CPU: available RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 0
-
-
 def context_length(model: nn.Module) -> int | None:
     cfg = model.config.get_text_config()
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
     return None
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The forward argument for the KV cache: transformers 5 renamed `past_key_values` to
+    `cache`; older releases know only the former."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def next_tokens(
@@ -124,10 +119,7 @@ def generate_ids(
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     cache, step_ids = None, ids
-    # transformers 5 renamed `past_key_values` to `cache`; older releases know only the former.
-    cache_name = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
+    cache_name = cache_kwarg(model)
     per_row = row_adapters(model, adapters) if adapters is not None else nullcontext()
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.dtype

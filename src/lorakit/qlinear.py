@@ -6,12 +6,14 @@ What is in here:
 - ``_NF4Matmul``: the autograd function behind it. Forward dequantizes the weight into the
   compute dtype and multiplies; only the packed 4-bit state is saved, and backward dequantizes
   again. That is QLoRA's memory trick: no full-precision weight outlives the matmul.
-- ``dequantized_weights``: for decoding, dequantize each weight once instead of per token.
+- ``dequantized_weights``: dequantize each weight once for a whole generation or training
+  run instead of per token / per pass, when memory allows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,20 +29,28 @@ class _NF4Matmul(torch.autograd.Function):
     """y = x @ W.T in ``dtype``, W dequantized on the fly; W itself never gets a gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, state: NF4State, dtype: torch.dtype) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, state: NF4State, dtype: torch.dtype, cached: Tensor | None = None
+    ) -> Tensor:
         # Save the 4-bit tensors, not the dequantized weight (~4x bigger in bf16, ~8x in fp32).
         # Going through save_for_backward lets autograd check they are not modified in place
         # before backward, and lets torch.utils.checkpoint and saved-tensor hooks see them.
         ctx.save_for_backward(state.packed, state.absmax, state.absmax_scale, state.absmax_code)
-        ctx.state, ctx.x_dtype = state, x.dtype
+        # A weight already dequantized for the whole run (`dequantized_weights`) is reused as it
+        # is, in backward too: it lives anyway, so referencing it costs nothing.
+        ctx.state, ctx.x_dtype, ctx.cached = state, x.dtype, cached
         # Autocast must not re-cast what we already put in the compute dtype.
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.to(dtype), dequantize_nf4(state, dtype))
+            weight = cached if cached is not None else dequantize_nf4(state, dtype)
+            return F.linear(x.to(dtype), weight)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None
+        if ctx.cached is not None and ctx.cached.dtype == grad_out.dtype:
+            with torch.autocast(grad_out.device.type, enabled=False):
+                return (grad_out @ ctx.cached).to(ctx.x_dtype), None, None, None
         packed, absmax, absmax_scale, absmax_code = ctx.saved_tensors
         state = dataclasses.replace(
             ctx.state,
@@ -52,7 +62,7 @@ class _NF4Matmul(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             weight = dequantize_nf4(state, grad_out.dtype)  # (out, in)
             grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
-        return grad_x.to(ctx.x_dtype), None, None
+        return grad_x.to(ctx.x_dtype), None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -125,10 +135,12 @@ class NF4Linear(nn.Module):
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         cached = self.__dict__.get("_cached_weight")
-        if cached is not None and cached.dtype == dtype and not torch.is_grad_enabled():
+        if cached is not None and cached.dtype != dtype:
+            cached = None
+        if cached is not None and not (torch.is_grad_enabled() and x.requires_grad):
             y = F.linear(x.to(dtype), cached)  # decoding: the weight dequantized once
         else:
-            y = _NF4Matmul.apply(x, self.state, dtype)
+            y = _NF4Matmul.apply(x, self.state, dtype, cached)
         # Added outside the autograd function so that a bias made trainable gets its gradient.
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -138,6 +150,16 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}{dq}"
         )
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device (CPU: available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def dequantized_bytes(model: nn.Module, dtype: torch.dtype) -> int:
@@ -150,10 +172,11 @@ def dequantized_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 
 @contextmanager
 def dequantized_weights(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
-    """Within the block, NF4 layers run no-grad forwards on a weight dequantized once.
+    """Within the block, NF4 layers use a weight dequantized once instead of once per use.
 
-    Token-by-token decoding would otherwise dequantize every weight for every token. It costs
-    the model's size in `dtype` for as long as the block lasts (NF4 stays the stored format).
+    Token-by-token decoding would otherwise dequantize every weight for every token, and
+    training twice per forward/backward pass. It costs the model's size in `dtype` for as long
+    as the block lasts (NF4 stays the stored format; gradients are the same).
     """
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
     try:

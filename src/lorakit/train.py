@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from lorakit.attention import enable_packed_attention
 from lorakit.errors import LorakitError
 from lorakit.lora import attach_lora, mark_only_lora_trainable
 from lorakit.loss import autocast, causal_lm_loss, evaluate
+from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 from lorakit.rundir import (
     count_lines,
     load_checkpoint,
@@ -72,6 +73,7 @@ class TrainConfig:
     save_every: int = 50  # steps between checkpoints (0 = only at the end / on Ctrl-C)
     seed: int = 0
     grad_checkpointing: str = "auto"  # auto, on, off
+    cache_weights: str = "auto"  # keep the base dequantized for the run: auto (if small), on, off
     train_on_prompt: bool = False  # also put loss on prompt tokens
     skip_bad_lines: bool = False  # skip (and count) malformed data lines instead of failing
     device: str = "auto"  # auto, cpu, cuda
@@ -230,6 +232,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.seq_len >= 32, f"--seq-len {cfg.seq_len} is too small; use at least 32 (e.g. 512)"),
         (cfg.quant in ("nf4", "none"), f"--quant must be nf4 or none, got {cfg.quant!r}"),
         (cfg.grad_checkpointing in ("auto", "on", "off"), "--grad-checkpointing: auto, on or off"),
+        (cfg.cache_weights in ("auto", "on", "off"), "--cache-weights: auto, on or off"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
     ]
     for ok, message in checks:
@@ -358,7 +361,12 @@ def train(
     model.train()
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress)
     t0, tokens_seen, done = time.perf_counter(), 0, start
-    with stop_on_interrupt() as stop:
+    # The frozen base dequantized once for the run (not twice per pass) when it fits easily.
+    cache = cfg.cache_weights == "on" or (
+        cfg.cache_weights == "auto" and dequantized_bytes(model, dtype) < free_memory(device) / 8
+    )
+    weights = dequantized_weights(model, dtype) if cache else nullcontext()
+    with stop_on_interrupt() as stop, weights:
         for step in range(start, total_steps):
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total_steps, warmup)

@@ -1,0 +1,136 @@
+"""Hardware ceiling: this machine's matmul peak at training shapes, and lorakit's share of it.
+
+1. Peak: GFLOP/s of fp32 and bf16 matmuls at the shapes one training pass of the default model
+   runs (512 tokens x SmolLM2's projections, and a 1024-token chunk of the output head), best
+   of several repeats.
+2. lorakit: the FLOPs of real training steps, counted by torch's FlopCounterMode (every matmul
+   and attention kernel that actually runs: forward, input gradients through the frozen NF4
+   base, LoRA gradients, the chunked loss), divided by the time of the same steps run
+   without the counter. MFU = that rate / the bf16 peak.
+3. Decode ceiling: one pass over every weight matrix in bf16 at batch 1 and 8, the memory
+   traffic a decoded token cannot avoid with weights dequantized once.
+
+    python bench/mfu.py                # 4 timed steps of 4 x 512 tokens after 1 warm-up
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=1)
+    args = p.parse_args()
+
+    from lorakit import data as D
+    from lorakit.attention import enable_packed_attention
+    from lorakit.loading import load_model
+    from lorakit.qlinear import dequantized_weights
+    from lorakit.train import TrainConfig, attach_adapter, micro_batch_size, train_step
+
+    model, tok, _ = load_model("smollm2")
+    c = model.config
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    shapes = {  # (M, K, N) of y = x @ W.T, forward; backward's input gradient swaps K and N
+        "q/o proj 512x576x576": (512, h, h),
+        "k/v proj 512x576x192": (512, h, kv),
+        "gate/up 512x576x1536": (512, h, i),
+        "down 512x1536x576": (512, i, h),
+        "head chunk 1024x576x49152": (1024, h, c.vocab_size),
+    }
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| shape (M x K x N) | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |")
+    print("|---|---|---|---|")
+    peaks = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    for name, (m, k, n) in shapes.items():
+        r32, r16 = matmul_rate(m, k, n, torch.float32), matmul_rate(m, k, n, torch.bfloat16)
+        peaks[torch.float32] = max(peaks[torch.float32], r32)
+        peaks[torch.bfloat16] = max(peaks[torch.bfloat16], r16)
+        print(f"| {name} | {r32:.0f} | {r16:.0f} | {r16 / r32:.2f} |")
+
+    # Decoding reads every weight once per token: the fastest a bf16 model can decode here.
+    print("\n| decode ceiling: all weight matrices once, bf16 | ms | tokens/s at most |")
+    print("|---|---|---|")
+    nf4 = [m for m in model.modules() if hasattr(m, "packed")]
+    weights = [m.dequantized_weight(torch.bfloat16) for m in nf4]
+    weights.append(model.get_output_embeddings().weight.to(torch.bfloat16))
+    for batch in (1, 8):
+        xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=torch.bfloat16) for w in weights}
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for w in weights:
+                xs[w.shape[1]] @ w.T
+            best = min(best, time.perf_counter() - t)
+        print(f"| batch {batch} | {best * 1e3:.1f} | {batch / best:.0f} |")
+    del weights
+
+    cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, batch_size=4)
+    attach_adapter(model, cfg)
+    enable_packed_attention(model)
+    train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
+    rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], cfg.seq_len)
+    micro = micro_batch_size(cfg, torch.device("cpu"))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr)
+    model.train()
+
+    def step(k: int) -> dict:
+        batch_rows = rows[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+        micros = []
+        for j in range(0, len(batch_rows), micro):
+            b = D.collate(batch_rows[j : j + micro], torch.bfloat16, pad_id=tok.pad_token_id or 0)
+            b["real_tokens"] = torch.tensor(sum(len(r) for r in batch_rows[j : j + micro]))
+            micros.append(b)
+        return train_step(model, opt, trainable, micros, torch.device("cpu"), torch.bfloat16, cfg)
+
+    with dequantized_weights(model, torch.bfloat16):
+        for k in range(args.warmup):
+            step(k)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            for k in range(args.warmup, args.warmup + args.steps):
+                step(k)
+        flops = counter.get_total_flops()
+        start, tokens = time.perf_counter(), 0
+        for k in range(args.warmup, args.warmup + args.steps):
+            tokens += step(k)["tokens"]
+        seconds = time.perf_counter() - start
+    rate = flops / seconds / 1e9
+    peak16 = peaks[torch.bfloat16]
+    print(
+        f"\nlorakit training ({args.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, "
+        f"micro-batch {micro}, NF4 base, bf16, r=16 q/k/v/o): {flops / 1e12:.2f} TFLOP in "
+        f"{seconds:.1f} s, {tokens / seconds:.0f} tokens/s\n"
+    )
+    print("| | GFLOP/s | share of bf16 peak |")
+    print("|---|---|---|")
+    print(f"| bf16 matmul peak (best shape above) | {peak16:.0f} | 100% |")
+    peak32 = peaks[torch.float32]
+    print(f"| fp32 matmul peak | {peak32:.0f} | {peak32 / peak16:.0%} |")
+    print(f"| lorakit training (MFU) | {rate:.0f} | {rate / peak16:.0%} |")
+    print(f"\nFLOP/token: {flops / tokens / 1e6:.0f} M (counted); by kernel:")
+    for op, n in sorted(counter.get_flop_counts()["Global"].items(), key=lambda x: -x[1]):
+        print(f"  {op}: {n / flops:.0%}")
+
+
+if __name__ == "__main__":
+    main()
