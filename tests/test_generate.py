@@ -98,6 +98,31 @@ def test_cached_dequantized_weights_give_the_same_tokens(tiny_model_dir):
     )
 
 
+def test_active_adapter_folded_into_the_cache_gives_the_same_tokens(tiny_model_dir):
+    from lorakit.loading import load_model
+    from lorakit.lora import attach_lora, folded_adapters, lora_layers
+    from lorakit.qlinear import dequantized_weights
+
+    model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "NF4Linear"][:4]
+    attach_lora(model, names, "a", rank=4, alpha=8)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.5)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        unfolded = model(ids).logits
+        with dequantized_weights(model, torch.float32), folded_adapters(model):
+            assert all(layer.merged_adapters == ["a"] for _, layer in lora_layers(model))
+            folded = model(ids).logits
+        bare = model(ids).logits  # restored: the adapter runs unmerged again
+    torch.testing.assert_close(folded, unfolded, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(bare, unfolded, atol=0, rtol=0)
+    assert all(layer.merged_adapters == [] for _, layer in lora_layers(model))
+    per_token = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=False)
+    cached = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=True)
+    assert cached == per_token
+
+
 def test_weight_cache_is_automatic_and_sized(tiny_model_dir, monkeypatch):
     import lorakit.generate as G
     from lorakit.loading import load_model

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora import row_adapters
+from lorakit.lora import folded_adapters, row_adapters
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 
 
@@ -126,7 +126,9 @@ def generate_ids(
     if cache_weights is None:
         cache_weights = dequantized_bytes(model, dtype) < free_memory(device) / 2
     fast = dequantized_weights(model, dtype) if cache_weights else nullcontext()
-    with per_row, fast:
+    # One adapter set for every row: add it into the cached weights once, not per token.
+    fold = folded_adapters(model) if cache_weights and adapters is None else nullcontext()
+    with per_row, fast, fold:
         for _ in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             result = model(

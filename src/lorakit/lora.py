@@ -229,6 +229,33 @@ def set_active_adapters(model: nn.Module, names: Sequence[str]) -> None:
 
 
 @contextmanager
+def folded_adapters(model: nn.Module):
+    """Within the block, each layer's active adapters are added into its base's dequantized
+    weight cache (`qlinear.dequantized_weights`), so a decode step costs the bare base's.
+
+    Only layers whose base holds such a cache change; the 4-bit weight itself never does, and
+    the cache and the adapters are restored on leaving the block.
+    """
+    folded = []
+    try:
+        for _, layer in lora_layers(model):
+            cached = layer.base_layer.__dict__.get("_cached_weight")
+            names = [n for n in layer.active_adapters if n not in layer.merged_adapters]
+            if cached is None or not names or layer.row_adapters is not None:
+                continue
+            delta = sum(layer.delta_weight(n) for n in names).to(cached.device)
+            layer.base_layer.__dict__["_cached_weight"] = (cached.float() + delta).to(cached.dtype)
+            layer.merged_adapters.extend(names)
+            folded.append((layer, cached, names))
+        yield
+    finally:
+        for layer, cached, names in folded:
+            layer.base_layer.__dict__["_cached_weight"] = cached
+            for n in names:
+                layer.merged_adapters.remove(n)
+
+
+@contextmanager
 def row_adapters(model: nn.Module, rows: Sequence[str | None]):
     """Within the block, batch row i uses adapter rows[i] (None: the bare base)."""
     layers = [layer for _, layer in lora_layers(model)]
