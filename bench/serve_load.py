@@ -27,17 +27,9 @@ from pathlib import Path
 
 import httpx
 import torch
+from generation import PROMPTS  # bench/ is on sys.path when run as a script
 
-QUESTIONS = [
-    "What does hacker mean?",
-    "Explain what a kludge is.",
-    "Write a haiku about compilers.",
-    "What is the Jargon File?",
-    "Describe a foobar.",
-    "What does grok mean?",
-    "Tell me about the PDP-10.",
-    "What is a daemon in Unix?",
-]
+QUESTIONS = PROMPTS  # the same eight questions as bench/generation.py
 
 
 def make_adapters(model_spec: str, folder: Path, n: int) -> list[Path]:
