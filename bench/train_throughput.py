@@ -62,11 +62,10 @@ if args["side"] == "lorakit":
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
-    from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
-    cache = args["lorakit_cache"] == "on" or (args["lorakit_cache"] == "auto" and
-        dequantized_bytes(model, torch.bfloat16) < free_memory(torch.device("cpu")) / 8)
-    if cache:  # the rule train() applies
-        dequantized_weights(model, torch.bfloat16).__enter__()
+    from lorakit.qlinear import dequantized_weights
+    from lorakit.train import use_weight_cache
+    if use_weight_cache(args["lorakit_cache"], model, torch.bfloat16, torch.device("cpu")):
+        dequantized_weights(model, torch.bfloat16).__enter__()  # as train() does
     losses, tokens, t0 = [], 0, None
     for step in range(warmup + steps):
         if step == warmup:

@@ -78,13 +78,15 @@ TINY_CONFIGS = {
 }
 
 
-def tiny_model(kind: str, vocab_size: int = 400, seed: int = 0):
-    """A random transformers causal LM of the given architecture, in fp32, eval mode."""
+def tiny_model(kind: str, vocab_size: int = 400, seed: int = 0, **overrides):
+    """A random transformers causal LM of the given architecture, in fp32, eval mode;
+    `overrides` change its config (e.g. hidden_size)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(kind, vocab_size=vocab_size, **TINY_CONFIGS[kind])
+    settings = {**TINY_CONFIGS[kind], **overrides}
+    config = AutoConfig.for_model(kind, vocab_size=vocab_size, **settings)
     model = AutoModelForCausalLM.from_config(config)
     # The default init (std 0.02) gives near-uniform logits that a LoRA on inner layers cannot
     # move; larger weights give a model whose outputs carry signal, like a trained one.

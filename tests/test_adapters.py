@@ -394,18 +394,7 @@ def test_corrupt_config(saved):
 
 
 def test_adapter_for_another_hidden_size(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        "llama",
-        vocab_size=400,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    bigger = AutoModelForCausalLM.from_config(config)
+    bigger = tiny_model("llama", hidden_size=48)
     modules, targets = resolve_targets(bigger, "default")
     attach_lora(bigger, modules, rank=4, alpha=8)
     save_adapter(bigger, tmp_path, AdapterConfig(rank=4, alpha=8, target_modules=targets))

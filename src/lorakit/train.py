@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -120,11 +119,7 @@ def use_grad_checkpointing(setting: str, model: nn.Module, tokens_per_batch: int
     cfg = model.config.get_text_config()
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     activations = layers * tokens_per_batch * hidden * 34 * 2  # Korthikanti et al. estimate, bf16
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return True
-    return activations > free / 4
+    return activations > free_memory(torch.device("cpu")) / 4  # unknown (0): on
 
 
 def _load_libc():
@@ -138,6 +133,14 @@ def _load_libc():
 
 
 _LIBC = _load_libc()
+
+
+def use_weight_cache(setting: str, model: nn.Module, dtype: torch.dtype, device) -> bool:
+    """Keep the frozen base dequantized for the run (not twice per pass)? auto: when that copy
+    takes under 1/8 of free memory."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return dequantized_bytes(model, dtype) < free_memory(device) / 8
 
 
 class _StopFlag:
@@ -361,10 +364,7 @@ def train(
     model.train()
     bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=not progress)
     t0, tokens_seen, done = time.perf_counter(), 0, start
-    # The frozen base dequantized once for the run (not twice per pass) when it fits easily.
-    cache = cfg.cache_weights == "on" or (
-        cfg.cache_weights == "auto" and dequantized_bytes(model, dtype) < free_memory(device) / 8
-    )
+    cache = use_weight_cache(cfg.cache_weights, model, dtype, device)
     weights = dequantized_weights(model, dtype) if cache else nullcontext()
     with stop_on_interrupt() as stop, weights:
         for step in range(start, total_steps):
