@@ -65,7 +65,10 @@ if args["side"] == "lorakit":
     from lorakit.qlinear import dequantized_weights
     from lorakit.train import use_weight_cache
     if use_weight_cache(args["lorakit_cache"], model, torch.bfloat16, torch.device("cpu")):
-        dequantized_weights(model, torch.bfloat16).__enter__()  # as train() does
+        # Held in a name for the whole run, as train()'s with-block does: a dropped context
+        # manager is closed by the garbage collector at once, which frees the cache again.
+        weight_cache = dequantized_weights(model, torch.bfloat16)
+        weight_cache.__enter__()
     losses, tokens, t0 = [], 0, None
     for step in range(warmup + steps):
         if step == warmup:
