@@ -201,6 +201,50 @@ def test_adapters_load_and_unload_between_steps_and_never_while_in_use(adapters)
     assert sink.tokens == reference("llama", adapters["a"], PROMPTS[0], 6)
 
 
+def test_a_batch_on_one_adapter_decodes_with_it_folded_into_the_cached_weights(adapters):
+    from lorakit.loading import quantizable_modules
+    from lorakit.qlinear import NF4Linear
+
+    model = tiny_model("llama")
+    for name in quantizable_modules(model):
+        model.set_submodule(name, NF4Linear.from_linear(model.get_submodule(name)))
+    engine = Engine(model, cache_weights=True)
+    for name, path in adapters.items():
+        engine.load_adapter(name, str(path)).result()
+
+    def expected(adapter: str, prompt: list[int], n: int) -> list[int]:
+        set_active_adapters(model, [adapter])  # the NF4 path, adapter beside the base
+        return generate_ids(model, [prompt], Sampling(max_new_tokens=n), cache_weights=False)[0]
+
+    want = {(a, i): expected(a, PROMPTS[i], 6) for a in "ab" for i in (0, 1)}
+    layer = next(layer for _, layer in lora_layers(model) if "b" in layer.lora_A)
+    engine.start()
+    try:
+        one = [request(PROMPTS[i], 6, "a") for i in (0, 1)]
+        for r, _ in one:
+            engine.submit(r)
+        for _, sink in one:
+            assert sink.done.wait(30)
+        _wait_idle(engine)
+        # Idle after a batch on "a": it stays folded in until the batch changes.
+        assert engine.folded == "a" and layer.merged_adapters == ["a"]
+        cached = layer.base_layer.__dict__["_cached_weight"]
+        plain = layer.base_layer.dequantized_weight(torch.float32) + layer.delta_weight("a")
+        torch.testing.assert_close(cached, plain)
+        mixed = [request(PROMPTS[i], 6, a) for i, a in ((0, "a"), (1, "b"))]
+        for r, _ in mixed:
+            engine.submit(r)
+        for _, sink in mixed:
+            assert sink.done.wait(30)
+        _wait_idle(engine)
+        assert engine.folded is None and layer.merged_adapters == []  # per-row again
+        assert [sink.tokens for _, sink in one] == [want["a", 0], want["a", 1]]
+        assert [sink.tokens for _, sink in mixed] == [want["a", 0], want["b", 1]]
+    finally:
+        engine.stop()
+    assert "_cached_weight" not in layer.base_layer.__dict__ and layer.merged_adapters == []
+
+
 def test_a_failing_forward_fails_its_rows_and_the_engine_goes_on():
     engine = Engine(tiny_model("llama"))
     real, calls = engine.model.forward, []

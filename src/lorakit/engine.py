@@ -3,7 +3,10 @@
 Each `step()` (1) runs queued commands (adapter load/unload) between forward passes, (2) admits
 waiting requests: one prefill forward over the new prompts (left-padded, each row with its own
 adapter), whose KV cache is then merged into the running batch, and (3) runs one decode forward
-for all running rows, each row with its own adapter, and hands each row its token. Finished or
+for all running rows, each row with its own adapter, and hands each row its token. While every
+running row uses the same adapter, that adapter is added into the cached base weights once
+(`lora.folded_adapters`) and stays there until the batch changes, so decoding costs the bare
+base's; a mixed batch runs each row's adapter beside the base instead. Finished or
 cancelled rows leave the batch at once (index_select on the cache), so a short request never
 waits for a long one and a new request never waits for the batch to drain.
 
@@ -19,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +33,7 @@ from torch import nn
 from lorakit.adapters import load_adapter
 from lorakit.errors import LorakitError
 from lorakit.generate import Sampling, cache_kwarg, context_length, next_tokens
-from lorakit.lora import lora_layers, row_adapters
+from lorakit.lora import folded_adapters, lora_layers, row_adapters, set_active_adapters
 from lorakit.loss import autocast
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 
@@ -119,6 +122,8 @@ class Engine:
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)  # rows in each decode forward
+        self._fold = ExitStack()  # holds `folded_adapters` while one adapter is folded in
+        self.folded: str | None = None  # the adapter added into the cached weights, if any
 
     # --- called from any thread -------------------------------------------------------------
 
@@ -215,7 +220,7 @@ class Engine:
 
     def _run(self) -> None:
         weights = dequantized_weights(self.model, self.dtype) if self.cache_weights else None
-        with weights or nullcontext():
+        with weights or nullcontext(), self._fold:
             while True:
                 with self._cond:
                     while not (self._stopping or self._waiting or self._commands or self.rows):
@@ -240,6 +245,7 @@ class Engine:
                 if not self._commands:
                     break
                 fn, future = self._commands.popleft()
+            self._unfold()  # commands change adapters: they see the weights as stored
             _run_command(fn, future)
         with autocast(self.device, self.dtype):
             self._admit()
@@ -247,16 +253,23 @@ class Engine:
                 return
             self.batch_sizes.append(len(self.rows))
             logits, self._cache = self._forward(
-                self._last[:, None], self._mask, self._cache, self.rows
+                self._last[:, None], self._mask, self._cache, self.rows, decode=True
             )
             self._last = torch.tensor(self._deliver(self.rows, logits), device=self.device)
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
             self._drop({r for r in self.rows if r.finished or r.cancelled.is_set()})
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache, rows: list[Request]):
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache,
+        rows: list[Request],
+        decode: bool = False,
+    ):
         """Feed ids (B, t) after `cache`; mask (B, T) covers both. -> (last logits (B, V), cache)"""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        with row_adapters(self.model, [r.adapter for r in rows]):
+        with self._adapters(rows, decode):
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -266,6 +279,30 @@ class Engine:
                 **self._keep,
             )
         return out.logits[:, -1], getattr(out, self._cache_name)
+
+    def _adapters(self, rows: list[Request], decode: bool):
+        """Set the adapters up for a forward over `rows`; returns the context to run it in.
+
+        A decode batch whose rows all use one adapter gets it folded into the cached weights,
+        kept across steps while the batch stays on it. Anything else unfolds first and runs
+        each row with its own adapter. Prefill never folds: admitting a request on another
+        adapter would otherwise fold twice for one forward pass.
+        """
+        names = {r.adapter for r in rows}
+        one = names.pop() if len(names) == 1 else None
+        if self.folded is not None and self.folded != one:
+            self._unfold()
+        if decode and one is not None and self.folded is None and self.cache_weights:
+            set_active_adapters(self.model, [one])
+            self._fold.enter_context(folded_adapters(self.model))
+            self.folded = one
+        if self.folded is not None:
+            return nullcontext()  # every row uses the folded adapter
+        return row_adapters(self.model, [r.adapter for r in rows])
+
+    def _unfold(self) -> None:
+        self._fold.close()
+        self.folded = None
 
     def _admit(self) -> None:
         """Prefill the waiting requests that fit, then merge them into the running batch."""
