@@ -405,3 +405,16 @@ def test_unsupported_architecture_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
     with pytest.raises(LorakitError, match="cannot read the model config"):
         load_model(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_a_loaded_model_does_not_keep_its_file_mapped(model_dir, quant):
+    """safetensors maps the file; a tensor kept as a view of it (same dtype) would keep the
+    whole file mapped and resident for as long as the model lives."""
+    model, _, _ = load_model(model_dir, quant=quant, dtype=torch.float32, with_tokenizer=False)
+    files = [str(p.resolve()) for p in Path(model_dir).glob("*.safetensors")]
+    assert files
+    maps = Path("/proc/self/maps").read_text()
+    assert not [f for f in files if f in maps]
+    assert model.get_input_embeddings().weight.dtype == torch.float32  # nothing was cast

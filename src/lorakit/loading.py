@@ -216,7 +216,10 @@ def _put_tensor(
         quantized.fan_in_fan_out = is_conv1d(module)  # so adapters record what PEFT will see
         _set_submodule(model, module_name, quantized)
         return
-    tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    # Always a copy: safetensors hands out views of the memory-mapped file, and a view kept in
+    # the model (an embedding, a norm) would keep the whole file mapped, and resident, for as
+    # long as the model lives: 2 GB for a 1B model in bf16.
+    tensor = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
     if attr in module._buffers:
         module._buffers[attr] = tensor
     else:
