@@ -136,6 +136,23 @@ def test_corrupt_gguf(tmp_path):
         load_model(file)
 
 
+def test_corrupt_or_truncated_safetensors(model_dir, tmp_path):
+    import shutil
+
+    for damage, message in [
+        (lambda b: b[: len(b) - 100], "truncated or corrupt"),
+        (lambda b: b[:8] + b"{not json" + b[17:], "not a valid safetensors file"),
+        (lambda b: (len(b) * 2).to_bytes(8, "little") + b[8:], "not a valid safetensors file"),
+    ]:
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(model_dir, broken)
+        (file,) = broken.glob("*.safetensors")
+        file.write_bytes(damage(file.read_bytes()))
+        with pytest.raises(LorakitError, match=message):
+            load_model(broken, with_tokenizer=False)
+
+
 def test_directory_with_one_gguf_resolves_to_it(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"")
     source = resolve_model(tmp_path)
