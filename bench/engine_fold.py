@@ -4,7 +4,8 @@
 row uses it (`Engine._adapters`), and runs each row's adapter beside the base otherwise. This
 runs the same requests both ways in one process, alternating, on the default model with a
 random rank-16 adapter on q/k/v/o: batch 1 and batch 8, `--new-tokens` greedy tokens per
-request, best of `--rounds`. No HTTP: requests go straight to the engine thread.
+request, best of `--rounds`. No HTTP: requests go straight to the engine thread. Last, what
+one fold and one unfold cost (`lora.folded_adapters` over the cached weights), best of 3.
 
     python bench/engine_fold.py
 """
@@ -31,7 +32,8 @@ def main() -> None:
     from lorakit.engine import Engine, Request
     from lorakit.generate import Sampling
     from lorakit.loading import load_model
-    from lorakit.lora import row_adapters
+    from lorakit.lora import folded_adapters, row_adapters, set_active_adapters
+    from lorakit.qlinear import dequantized_weights
 
     model, tok, _ = load_model(args.model)
     folder = tempfile.mkdtemp()
@@ -87,6 +89,19 @@ def main() -> None:
     for batch in (1, 8):
         a, b = best["per row", batch], best["folded", batch]
         print(f"| {batch} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
+
+    set_active_adapters(model, ["a0"])
+    fold_ms, unfold_ms = [], []
+    with dequantized_weights(model, model.dtype):
+        for _ in range(3):
+            start = time.perf_counter()
+            fold = folded_adapters(model)
+            fold.__enter__()
+            middle = time.perf_counter()
+            fold.__exit__(None, None, None)
+            fold_ms.append((middle - start) * 1e3)
+            unfold_ms.append((time.perf_counter() - middle) * 1e3)
+    print(f"\nfold {min(fold_ms):.1f} ms, unfold {min(unfold_ms):.1f} ms (best of 3)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each load runs in its own fresh Python process, so each peak (ru_maxrss) is that load's alone.
 The "after imports" column is the same process's peak before loading (python + torch +
-transformers), so "load" = peak - imports is what the load itself added.
+transformers), so "load" = peak - imports is what the load itself added; "held after" is the
+resident size once the load returned (what the process keeps while the model lives).
 
     python bench/load_memory.py                 # the embedded default model (smollm2)
     python bench/load_memory.py --model DIR_OR_GGUF
@@ -38,8 +39,10 @@ else:
     else:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32)
 seconds = time.perf_counter() - start
+held_mb = int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 print(json.dumps({"imports_mb": before, "peak_mb": peak_mb(), "seconds": seconds,
+                  "held_mb": held_mb,
                   "tensors_mb": sum(t.numel() * t.element_size() for t in
                                     list(model.parameters()) + list(model.buffers())) / 2**20}))
 """
@@ -66,13 +69,14 @@ def main() -> None:
 
     print(f"model: {args.model}")
     header = f"{'load':<36}{'peak RSS':>10}{'after imports':>15}{'load adds':>11}"
-    header += f"{'tensors':>9}{'time':>8}"
+    header += f"{'held after':>12}{'tensors':>9}{'time':>8}"
     print(header)
     for which, label in RUNS.items():
         r = measure(which, args.model)
         print(
             f"{label:<36}{r['peak_mb']:>7.0f} MB{r['imports_mb']:>12.0f} MB"
-            f"{r['peak_mb'] - r['imports_mb']:>8.0f} MB{r['tensors_mb']:>6.0f} MB"
+            f"{r['peak_mb'] - r['imports_mb']:>8.0f} MB{r['held_mb']:>9.0f} MB"
+            f"{r['tensors_mb']:>6.0f} MB"
             f"{r['seconds']:>7.1f}s"
         )
 

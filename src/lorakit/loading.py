@@ -19,7 +19,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +173,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_safetensors(file: Path, wanted) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_safetensors(
+    file: Path, wanted: Callable[[str], str | None]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for each tensor of `file` that `wanted(key)` names, in file order.
 
     Plain reads, not safetensors' memory map: pages of a mapped file stay resident until the
@@ -203,7 +205,7 @@ def _read_safetensors(file: Path, wanted) -> Iterator[tuple[str, torch.Tensor]]:
             if dtype is None:
                 raise LorakitError(f"{file}: tensor {key} has unsupported dtype {dtype_name}")
             nbytes = math.prod(shape) * dtype.itemsize
-            if end - start != nbytes or 8 + length + end > size:
+            if start < 0 or end - start != nbytes or 8 + length + end > size:
                 raise LorakitError(
                     f"{file} is truncated or corrupt (tensor {key}); download it again"
                 )
