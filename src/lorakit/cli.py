@@ -222,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lorakit import data as D
     from lorakit.loading import default_dtype
     from lorakit.lora import set_active_adapters
-    from lorakit.loss import dataset_batches, evaluate
+    from lorakit.loss import CHUNK, dataset_batches, evaluate
 
     if args.data:
         examples = list(D.load_examples(args.data, args.skip_bad_lines))
@@ -234,7 +234,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = []
     for name in [None, *names]:
         set_active_adapters(model, [name] if name else [])
-        loss = evaluate(model, batches, model.device, dtype, 1024)
+        loss = evaluate(model, batches, model.device, dtype, CHUNK)
         rows.append(
             {
                 "model": name or f"base ({source.name})",

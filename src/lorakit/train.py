@@ -31,7 +31,7 @@ from lorakit.atomic import atomic_write_text
 from lorakit.attention import enable_packed_attention
 from lorakit.errors import LorakitError
 from lorakit.lora import attach_lora, mark_only_lora_trainable
-from lorakit.loss import autocast, causal_lm_loss, evaluate
+from lorakit.loss import CHUNK, autocast, causal_lm_loss, evaluate
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 from lorakit.rundir import (
     count_lines,
@@ -78,7 +78,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda
     resume: bool = False
     overwrite: bool = False
-    loss_chunk: int = 1024  # tokens per chunk of the chunked loss
+    loss_chunk: int = CHUNK  # tokens per chunk of the chunked loss
     extra: dict = field(default_factory=dict)  # free-form notes saved with the config
 
     @classmethod
