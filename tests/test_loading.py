@@ -200,6 +200,7 @@ def test_gpt2_checkpoint_without_the_transformer_prefix(tmp_path, _tiny_tokenize
 
 def test_nf4_load_equals_reference_with_dequantized_weights(model_dir):
     model, _, _ = load_model(model_dir, quant="nf4", dtype=torch.float32)
+    assert not any(m.training for m in model.modules())  # the NF4 layers put in too
     reference = _reference(model_dir)
     head = model.get_output_embeddings()
     linear = {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, NF4Linear))}

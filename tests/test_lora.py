@@ -138,6 +138,21 @@ def test_mixed_adapter_batch_equals_rows_alone(same_targets):
         torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_an_adapter_added_to_a_model_in_eval_mode_adds_no_dropout():
+    model = tiny_model("llama")  # in eval mode
+    x = torch.randint(0, 400, (2, 12))
+    names = [n for n, _ in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    attach_lora(model, names, "a", rank=4, alpha=8, dropout=0.5)
+    assert not any(m.training for m in model.modules())
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, model(x).logits)  # deterministic
+        model.train()
+        assert (model(x).logits - model(x).logits).abs().max() > 0  # training: dropout on
+
+
 def test_only_lora_parameters_train():
     model = tiny_model("llama")
     attach_lora(model, ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.o_proj"])

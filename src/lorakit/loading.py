@@ -340,5 +340,6 @@ def load_model(
         )
     model.to(device)
     model.requires_grad_(False)
+    model.eval()  # the NF4 layers put in while loading start in training mode
     tokenizer = load_tokenizer(source) if with_tokenizer else None
     return model, tokenizer, source

@@ -59,6 +59,7 @@ class LoRALinear(nn.Module):
         self.row_adapters: Sequence[str | None] | None = None
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        self.train(base_layer.training)  # wrapping a layer of a model in eval mode keeps it so
 
     def add_adapter(
         self,
@@ -83,6 +84,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.train(self.training)  # the new modules take the layer's mode: no dropout in eval
         # rsLoRA (Kalajdzievski, 2023) divides by sqrt(rank) so larger ranks keep learning.
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.active_adapters.append(name)
