@@ -3,7 +3,10 @@
 Both run the default model with its linear layers in NF4 (double quantization, bf16 compute),
 greedy, 128 new tokens, at batch 1 and 8, without and with a rank-16 adapter on the attention
 projections; then lorakit's cost of a batch whose 8 rows use 4 different adapters against a
-batch on one adapter. Runs alternate lorakit / baseline; the best of `--repeats` counts.
+batch on one adapter. lorakit runs both ways it can decode: from a bf16 copy of the weights
+made once per generation (adapter folded in), and from the 4-bit codes with the compiled
+kernel (nf4_kernel.py; adapter beside the base), where that kernel builds. Runs alternate
+lorakit / baseline; the best of `--repeats` counts.
 
     python bench/generation.py
 """
@@ -59,6 +62,7 @@ def main() -> None:
     from lorakit.generate import Sampling, generate_ids
     from lorakit.loading import load_model
     from lorakit.lora import set_active_adapters
+    from lorakit.nf4_kernel import library
 
     ours, tok, _ = load_model(args.model)
     tmp = tempfile.mkdtemp()
@@ -84,10 +88,14 @@ def main() -> None:
     prompt_ids = [encode_prompt([{"role": "user", "content": q}], tok) for q in PROMPTS]
     sampling = Sampling(max_new_tokens=args.new_tokens)
 
-    def run_ours(batch: int, adapters) -> float:
+    kernel = library() is not None
+
+    def run_ours(batch: int, adapters, cache: bool = True) -> float:
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = generate_ids(ours, prompt_ids[:batch], sampling, adapters=adapters)
+            out = generate_ids(
+                ours, prompt_ids[:batch], sampling, adapters=adapters, cache_weights=cache
+            )
         return sum(len(o) for o in out) / (time.perf_counter() - t)
 
     def run_baseline(batch: int, adapter: bool) -> float:
@@ -110,12 +118,14 @@ def main() -> None:
     rows = []
     for batch in (1, 8):
         for adapter in (False, True):
-            best_ours = best_base = 0.0
+            best_ours = best_kernel = best_base = 0.0
             for _ in range(args.repeats):
                 set_active_adapters(ours, ["a0"] if adapter else [])
                 best_ours = max(best_ours, run_ours(batch, None))
+                if kernel:
+                    best_kernel = max(best_kernel, run_ours(batch, None, cache=False))
                 best_base = max(best_base, run_baseline(batch, adapter))
-            rows.append((batch, adapter, best_ours, best_base))
+            rows.append((batch, adapter, best_ours, best_kernel, best_base))
     set_active_adapters(ours, ["a0"])
     single = max(run_ours(8, ["a0"] * 8) for _ in range(args.repeats))
     mixed = max(run_ours(8, ["a0", "a1", "a2", "a3"] * 2) for _ in range(args.repeats))
@@ -124,11 +134,15 @@ def main() -> None:
         f"\n{args.model}, NF4 + double quant, bf16 compute, greedy, {args.new_tokens} new tokens, "
         f"{torch.get_num_threads()} threads, best of {args.repeats}\n"
     )
-    print("| batch | adapter | lorakit tok/s | transformers+peft+bnb tok/s | ratio |")
-    print("|---|---|---|---|---|")
-    for batch, adapter, a, b in rows:
+    print(
+        "| batch | adapter | lorakit, bf16 copy | lorakit, 4-bit kernel | "
+        "transformers+peft+bnb | bf16 copy / baseline | 4-bit kernel / baseline |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for batch, adapter, a, k, b in rows:
         which = "r=16 q,k,v,o" if adapter else "none"
-        print(f"| {batch} | {which} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+        k_rate, k_ratio = (f"{k:.1f}", f"{k / b:.2f}x") if kernel else ("n/a", "n/a")
+        print(f"| {batch} | {which} | {a:.1f} | {k_rate} | {b:.1f} | {a / b:.2f}x | {k_ratio} |")
     print(
         f"\nlorakit batch 8: one adapter {single:.1f} tok/s, four adapters mixed {mixed:.1f} tok/s "
         f"(mixed / single = {mixed / single:.2f})"

@@ -146,3 +146,39 @@ def test_weight_cache_is_automatic_and_sized(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(G, "free_memory", lambda device: 2 * n)  # too little: per token
     generate_ids(model, PROMPTS, Sampling(max_new_tokens=2))
     assert used == [torch.float32]
+
+
+@pytest.mark.skipif(
+    __import__("lorakit.nf4_kernel").nf4_kernel.library() is None,
+    reason="no C compiler or no AVX2 on this machine",
+)
+def test_decoding_from_the_4bit_codes_is_the_default_and_gives_the_same_tokens(
+    tmp_path, monkeypatch
+):
+    import lorakit.generate as G
+    from lorakit.loading import load_model
+    from lorakit.lora import lora_layers
+    from lorakit.qlinear import decodes_from_codes
+
+    # Rows of 64 and 128 inputs: whole NF4 blocks, which the kernel takes.
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    model, _, _ = load_model(tmp_path, quant="nf4", dtype=torch.float32, with_tokenizer=False)
+    assert decodes_from_codes(model, torch.device("cpu"))
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "NF4Linear"][:4]
+    attach_lora(model, names, "a", rank=4, alpha=8)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.5)
+    from lorakit.nf4_kernel import KernelWeight
+
+    copies, calls = [], []
+    real_copy, real_call = G.dequantized_weights, KernelWeight.__call__
+    monkeypatch.setattr(G, "dequantized_weights", lambda *a: copies.append(1) or real_copy(*a))
+    monkeypatch.setattr(KernelWeight, "__call__", lambda *a: calls.append(1) or real_call(*a))
+    for adapters in ([], ["a"]):
+        set_active_adapters(model, adapters)
+        copies.clear(), calls.clear()
+        auto = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10))
+        assert not copies and calls  # decoded from the 4-bit codes, no bf16 copy made
+        copy = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=True)
+        assert copies
+        assert auto == copy

@@ -17,7 +17,12 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora import folded_adapters, row_adapters
-from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
+from lorakit.qlinear import (
+    decodes_from_codes,
+    dequantized_bytes,
+    dequantized_weights,
+    free_memory,
+)
 
 
 @dataclass(frozen=True)
@@ -90,9 +95,11 @@ def generate_ids(
     """New token ids for each prompt (eos and stop strings cut off).
 
     `decode` (ids -> text) is needed for stop strings; `on_token(row, token)` streams tokens.
-    `cache_weights` dequantizes NF4 weights once for the whole generation (faster; costs the
-    model's size in the compute dtype while it runs); False dequantizes them per token; None
-    (default) caches when that copy takes under half the free memory of the device.
+    `cache_weights` dequantizes NF4 weights once for the whole generation (costs the model's
+    size in the compute dtype while it runs); False decodes from the 4-bit codes, with the
+    compiled kernel of nf4_kernel.py where it runs (as fast or faster, measured) and by
+    dequantizing per token where not; None (default) uses the kernel where it runs, else the
+    copy when it takes under half the free memory of the device.
     """
     sampling.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -124,7 +131,9 @@ def generate_ids(
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.dtype
     if cache_weights is None:
-        cache_weights = dequantized_bytes(model, dtype) < free_memory(device) / 2
+        cache_weights = not decodes_from_codes(model, device) and (
+            dequantized_bytes(model, dtype) < free_memory(device) / 2
+        )
     fast = dequantized_weights(model, dtype) if cache_weights else nullcontext()
     # One adapter set for every row: add it into the cached weights once, not per token.
     fold = folded_adapters(model) if cache_weights and adapters is None else nullcontext()

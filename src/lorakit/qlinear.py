@@ -8,6 +8,8 @@ What is in here:
   again. That is QLoRA's memory trick: no full-precision weight outlives the matmul.
 - ``dequantized_weights``: dequantize each weight once for a whole generation or training
   run instead of per token / per pass, when memory allows.
+- Without that cache, a no-grad call of a few rows (a decoding step) multiplies straight from
+  the 4-bit codes with the compiled kernel of nf4_kernel.py where it runs.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import nf4_kernel
 from .nf4 import NF4State, dequantize_nf4, quantize_nf4
+
+# Most rows (tokens) a no-grad call sends to the compiled 4-bit kernel (nf4_kernel.py) rather
+# than dequantizing the weight: decoding steps, not prompts, where a bf16 matmul is faster.
+KERNEL_ROWS = 16
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -139,10 +146,28 @@ class NF4Linear(nn.Module):
             cached = None
         if cached is not None and not (torch.is_grad_enabled() and x.requires_grad):
             y = F.linear(x.to(dtype), cached)  # decoding: the weight dequantized once
+        elif (
+            not (self.training or torch.is_grad_enabled())  # not a checkpointed training pass
+            and x.numel() <= KERNEL_ROWS * x.shape[-1]
+            and (kernel := self._kernel(x.device)) is not None
+        ):
+            y = kernel(x, dtype)  # decoding from the 4-bit codes
         else:
             y = _NF4Matmul.apply(x, self.state, dtype, cached)
         # Added outside the autograd function so that a bias made trainable gets its gradient.
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _kernel(self, device: torch.device) -> nf4_kernel.KernelWeight | None:
+        """The compiled kernel's prepared call for this weight, or None where it cannot run;
+        prepared again if the buffers moved (`.to(device)`)."""
+        key = (device, self.packed.data_ptr())
+        cached = self.__dict__.get("_kernel_weight")
+        if cached is None or cached[0] != key:
+            state = self.state
+            usable = nf4_kernel.supports(state, device)
+            cached = (key, nf4_kernel.KernelWeight(state) if usable else None)
+            self.__dict__["_kernel_weight"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         dq = ", double_quant" if self.offset is not None else ""
@@ -150,6 +175,12 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}{dq}"
         )
+
+
+def decodes_from_codes(model: nn.Module, device: torch.device) -> bool:
+    """Whether every NF4 layer of the model can decode with the compiled 4-bit kernel."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    return bool(layers) and all(m._kernel(device) is not None for m in layers)
 
 
 def free_memory(device: torch.device) -> int:

@@ -1,0 +1,146 @@
+/* y = x @ W.T with W in NF4 (lorakit.nf4's layout), read straight from its 4-bit codes.
+ *
+ * Decoding reads a quarter of the bytes a bf16 weight would: the point for generation, where
+ * every new token reads every weight once. Compiled at first use by lorakit/nf4_kernel.py with
+ * -march=native; without AVX2 it reports width 0 and lorakit keeps its PyTorch path.
+ *
+ * packed: two codes per byte, the first element in the high nibble; rows of n_in elements;
+ * blocks of bs elements along a row (n_in % bs == 0, bs % 32 == 0), each with one scale:
+ * absmax[g] or, double-quantized, abscode[qabs[g]] * absscale[g / bs2] + offset.
+ * x: (batch, n_in) float32; y: (batch, n_out) float32.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vec;
+#define vzero() _mm512_setzero_ps()
+#define vload(p) _mm512_loadu_ps(p)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define vset1(s) _mm512_set1_ps(s)
+#define vsum(v) _mm512_reduce_add_ps(v)
+/* LANES bytes -> the values of their high and low nibbles */
+static inline void decode(const uint8_t* p, const float* code, vec* hi, vec* lo) {
+    __m512 lut = _mm512_loadu_ps(code);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+    *lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec;
+#define vzero() _mm256_setzero_ps()
+#define vload(p) _mm256_loadu_ps(p)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define vset1(s) _mm256_set1_ps(s)
+static inline float vsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline __m256 lookup(__m256i idx, const float* code) {
+    __m256 low = _mm256_permutevar8x32_ps(_mm256_loadu_ps(code), idx);
+    __m256 high = _mm256_permutevar8x32_ps(_mm256_loadu_ps(code + 8), idx);
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+static inline void decode(const uint8_t* p, const float* code, vec* hi, vec* lo) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+    *hi = lookup(_mm256_srli_epi32(v, 4), code);
+    *lo = lookup(_mm256_and_si256(v, _mm256_set1_epi32(15)), code);
+}
+#else
+#define LANES 0
+#endif
+
+int lk_nf4_lanes(void) { return LANES; }
+
+#if LANES
+#define CHUNK (2 * LANES) /* elements decoded at once: LANES bytes */
+#define MAX_ROWS 8
+
+/* One output feature for `rows` (compile-time after inlining) rows of the permuted x, whose
+ * chunks are `stride` floats apart, the rows' copies of a chunk side by side. */
+static inline __attribute__((always_inline)) void dot_rows(
+    const int rows, const uint8_t* packed, const float* code, int64_t n_in, int64_t bs,
+    const float* scales, const float* xp, int64_t stride, float* y, int64_t y_stride) {
+    vec acc[MAX_ROWS];
+    for (int r = 0; r < rows; r++) acc[r] = vzero();
+    for (int64_t start = 0; start < n_in; start += bs) {
+        vec part[MAX_ROWS];
+        for (int r = 0; r < rows; r++) part[r] = vzero();
+        for (int64_t c = start; c < start + bs; c += CHUNK) {
+            vec hi, lo;
+            decode(packed + c / 2, code, &hi, &lo);
+            const float* xc = xp + c / CHUNK * stride;
+            for (int r = 0; r < rows; r++) {
+                part[r] = vfma(hi, vload(xc + r * CHUNK), part[r]);
+                part[r] = vfma(lo, vload(xc + r * CHUNK + LANES), part[r]);
+            }
+        }
+        vec s = vset1(scales[start / bs]);
+        for (int r = 0; r < rows; r++) acc[r] = vfma(part[r], s, acc[r]);
+    }
+    for (int r = 0; r < rows; r++) y[r * y_stride] = vsum(acc[r]);
+}
+#endif
+
+/* Returns 0 on success, -1 if this build cannot run it (no SIMD, bad shape, no memory). */
+int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64_t n_in,
+                  int64_t bs, const float* absmax, const uint8_t* qabs, const float* abscode,
+                  const float* absscale, int64_t bs2, float offset, const float* x,
+                  int64_t batch, float* y, int threads) {
+#if LANES
+    if (bs % CHUNK || n_in % bs || batch < 1) return -1;
+    int64_t n_blocks = n_out * (n_in / bs);
+    /* x chunk by chunk, every row's copy of a chunk side by side (rows' loads then stay close
+     * together), each with its even elements first, then its odd ones: decode()'s order. */
+    float* xp = malloc(sizeof(float) * batch * n_in);
+    float* scales = absmax ? NULL : malloc(sizeof(float) * n_blocks);
+    if (!xp || (!absmax && !scales)) {
+        free(xp);
+        free(scales);
+        return -1;
+    }
+    for (int64_t r = 0; r < batch; r++)
+        for (int64_t c = 0; c < n_in; c += CHUNK) {
+            float* dst = xp + c / CHUNK * batch * CHUNK + r * CHUNK;
+            const float* src = x + r * n_in + c;
+            for (int k = 0; k < LANES; k++) {
+                dst[k] = src[2 * k];
+                dst[LANES + k] = src[2 * k + 1];
+            }
+        }
+    if (!absmax) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t g = 0; g < n_blocks; g++)
+            scales[g] = abscode[qabs[g]] * absscale[g / bs2] + offset;
+    }
+    const float* s = absmax ? absmax : scales;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < n_out; o++) {
+        const uint8_t* row = packed + o * n_in / 2;
+        const float* row_scales = s + o * (n_in / bs);
+        for (int64_t b = 0; b < batch; b += MAX_ROWS) {
+            const float* xb = xp + b * CHUNK;
+            float* yb = y + b * n_out + o;
+            switch (batch - b < MAX_ROWS ? batch - b : MAX_ROWS) {
+                case 1: dot_rows(1, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                case 2: dot_rows(2, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                case 3: dot_rows(3, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                case 4: dot_rows(4, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                case 5: dot_rows(5, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                case 6: dot_rows(6, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                case 7: dot_rows(7, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+                default: dot_rows(8, row, code, n_in, bs, row_scales, xb, batch * CHUNK, yb, n_out); break;
+            }
+        }
+    }
+    free(xp);
+    free(scales);
+    return 0;
+#else
+    return -1;
+#endif
+}

@@ -1,0 +1,84 @@
+"""The compiled NF4 matmul: the same products as dequantizing first, where it runs at all."""
+
+import copy as copy_module
+
+import pytest
+import torch
+
+from lorakit import nf4_kernel, qlinear
+from lorakit.nf4 import dequantize_nf4, quantize_nf4
+from lorakit.qlinear import NF4Linear
+
+needs_kernel = pytest.mark.skipif(
+    nf4_kernel.library() is None, reason="no C compiler or no AVX2 on this machine"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: one group of 8 rows, then 3
+def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(96, 256, generator=g) * 0.05
+    state = quantize_nf4(weight, blocksize, double_quant)
+    assert nf4_kernel.supports(state, torch.device("cpu"))
+    x = torch.randn(2, rows, 256, generator=g)
+    exact = x.double() @ dequantize_nf4(state, torch.float64).T
+    got = nf4_kernel.nf4_matmul(x, state, torch.float32)
+    assert got.shape == (2, rows, 96)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
+    in_bf16 = nf4_kernel.nf4_matmul(x, state, torch.bfloat16)
+    assert in_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(in_bf16, got.bfloat16())
+
+
+def test_shapes_the_kernel_does_not_take():
+    cpu = torch.device("cpu")
+    rows_split = quantize_nf4(torch.randn(4, 96), 64)  # a block would span two rows
+    assert not nf4_kernel.supports(rows_split, cpu)
+    assert not nf4_kernel.supports(quantize_nf4(torch.randn(2, 3, 64), 64), cpu)  # 3-D
+
+
+@needs_kernel
+def test_a_decoding_layer_uses_the_kernel_and_training_does_not(monkeypatch):
+    layer = NF4Linear.from_weight(torch.randn(64, 128) * 0.05).eval()
+    calls = []
+    call = nf4_kernel.KernelWeight.__call__
+    monkeypatch.setattr(nf4_kernel.KernelWeight, "__call__", lambda *a: calls.append(1) or call(*a))
+    x = torch.randn(1, 2, 128)
+    reference = x @ layer.dequantized_weight(torch.float32).T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        layer(torch.randn(1, qlinear.KERNEL_ROWS + 1, 128))  # a prompt: dequantized instead
+        assert len(calls) == 1
+        layer.train()
+        layer(x)  # no-grad training passes (reentrant checkpointing) keep the autograd path
+    layer(x)
+    assert len(calls) == 1
+    copy = copy_module.deepcopy(layer).eval()  # prepares its own call, on its own buffers
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), reference, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+
+
+def test_build_is_atomic_and_a_failed_build_means_no_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
+    assert nf4_kernel._build("false") is None  # a "compiler" that fails
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+    if nf4_kernel.library() is not None:
+        cc = nf4_kernel.shutil.which("cc") or nf4_kernel.shutil.which("gcc")
+        built = nf4_kernel._build(cc)
+        assert built is not None and built.parent == tmp_path
+        assert [p.name for p in tmp_path.iterdir()] == [built.name]
+        assert nf4_kernel._build(cc) == built  # cached: not compiled again
+
+
+def test_the_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("LORAKIT_NF4_KERNEL", "0")
+    nf4_kernel.library.cache_clear()
+    try:
+        assert nf4_kernel.library() is None
+    finally:
+        nf4_kernel.library.cache_clear()
