@@ -82,3 +82,29 @@ def test_the_switch_turns_it_off(monkeypatch):
         assert nf4_kernel.library() is None
     finally:
         nf4_kernel.library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5])
+def test_an_adapter_added_in_the_kernel_call_equals_the_lora_formula(rows):
+    from lorakit.lora import LoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_weight(torch.randn(96, 128, generator=g) * 0.05))
+    layer.add_adapter("a", rank=8, alpha=16)
+    torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.1)
+    layer.eval()
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    x = torch.randn(1, rows, 128, generator=g)
+    w = layer.base_layer.dequantized_weight(torch.float64)
+    exact = x.double() @ w.T + 2.0 * (x.double() @ a.double().T) @ b.double().T
+    state = layer.base_layer.state
+    torch.testing.assert_close(
+        nf4_kernel.nf4_matmul(x, state, torch.float32, (a, b, 2.0)).double(),
+        exact,
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    with torch.no_grad():
+        assert layer.base_layer.decode(x) is not None  # the fused path is the one taken
+        torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.qlinear import NF4Linear
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -105,12 +106,29 @@ class LoRALinear(nn.Module):
         return self.lora_B[name](a(self.lora_dropout[name](x))) * self.scaling[name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (out := self._decode_fused(x)) is not None:
+            return out
         out = self.base_layer(x)
         if self.row_adapters is not None:
             return self._forward_rows(x, out)
         for name in self.active_adapters:
             if name not in self.merged_adapters:
                 out = out + self._delta(x, name).to(out.dtype)
+        return out
+
+    def _decode_fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A decoding step over an NF4 base with one adapter running: the compiled kernel adds
+        the adapter in its own call (the separate small matmuls cost more than the layer)."""
+        unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
+        base = self.base_layer
+        if self.row_adapters is not None or len(unmerged) != 1 or not isinstance(base, NF4Linear):
+            return None
+        a, b = self.lora_A[unmerged[0]].weight, self.lora_B[unmerged[0]].weight
+        if a.dtype != torch.float32 or b.dtype != torch.float32:
+            return None
+        out = base.decode(x, (a.contiguous(), b.contiguous(), self.scaling[unmerged[0]]))
+        if out is not None and base.bias is not None:
+            out = out + base.bias.to(out.dtype)
         return out
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from lorakit.nf4 import NF4_CODE, NF4State
 SOURCE = Path(__file__).with_name("nf4_matmul.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _CODE = torch.tensor(NF4_CODE, dtype=torch.float32)
+LoRA = tuple[Tensor, Tensor, float]  # A (rank, in), B (out, rank), scale
 
 
 def cache_dir() -> Path:
@@ -87,6 +88,7 @@ def library() -> ctypes.CDLL | None:
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.lk_nf4_matmul.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
     lib.lk_nf4_matmul.argtypes += [ctypes.c_float, ptr, i64, ptr, ctypes.c_int]
+    lib.lk_nf4_matmul.argtypes += [ptr, ptr, i64, ctypes.c_float]  # an adapter to add, or None
     lib.lk_nf4_matmul.restype = ctypes.c_int
     return lib
 
@@ -128,17 +130,25 @@ class KernelWeight:
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other buffers: it prepares its own call when used
 
-    def __call__(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """x (..., in) @ W.T -> (..., out) in `dtype`, accumulated in float32."""
+    def __call__(self, x: Tensor, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor:
+        """x (..., in) @ W.T -> (..., out) in `dtype`, accumulated in float32; plus
+        scale * (x @ A.T) @ B.T for `lora` = (A, B, scale), float32 contiguous A and B."""
         n_out, n_in = self.shape
         rows = x.reshape(-1, n_in).float().contiguous()
         y = torch.empty(rows.shape[0], n_out, dtype=torch.float32)
-        threads = torch.get_num_threads()
-        if self.call(*self.args, rows.data_ptr(), rows.shape[0], y.data_ptr(), threads) != 0:
+        args = (rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads())
+        if lora is None:
+            args += (None, None, 0, 0.0)
+        else:
+            a, b, scale = lora
+            assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+            assert a.shape == (b.shape[1], n_in) and b.shape[0] == n_out
+            args += (a.data_ptr(), b.data_ptr(), a.shape[0], scale)
+        if self.call(*self.args, *args) != 0:
             raise RuntimeError(f"the NF4 kernel refused a {tuple(self.shape)} weight")
         return y.to(dtype).view(*x.shape[:-1], n_out)
 
 
-def nf4_matmul(x: Tensor, state: NF4State, dtype: torch.dtype) -> Tensor:
-    """x (..., in) @ W.T -> (..., out) in `dtype`, accumulated in float32. Check `supports`."""
-    return KernelWeight(state)(x, dtype)
+def nf4_matmul(x: Tensor, state: NF4State, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor:
+    """x (..., in) @ W.T (+ the adapter) in `dtype`, accumulated in float32. Check `supports`."""
+    return KernelWeight(state)(x, dtype, lora)

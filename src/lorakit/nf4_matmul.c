@@ -7,7 +7,8 @@
  * packed: two codes per byte, the first element in the high nibble; rows of n_in elements;
  * blocks of bs elements along a row (n_in % bs == 0, bs % 32 == 0), each with one scale:
  * absmax[g] or, double-quantized, abscode[qabs[g]] * absscale[g / bs2] + offset.
- * x: (batch, n_in) float32; y: (batch, n_out) float32.
+ * x: (batch, n_in) float32; y: (batch, n_out) float32. With lora_a (rank, n_in) and lora_b
+ * (n_out, rank), float32, it adds a LoRA adapter in the same call: y += s * (x @ A.T) @ B.T.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -86,11 +87,34 @@ static inline __attribute__((always_inline)) void dot_rows(
 }
 #endif
 
+/* y += s * (x @ A.T) @ B.T: a rank-r adapter, small enough for plain loops. */
+static int add_lora(const float* a, const float* b, int64_t rank, float s, const float* x,
+                    int64_t batch, int64_t n_in, float* y, int64_t n_out, int threads) {
+    float* t = malloc(sizeof(float) * batch * rank);
+    if (!t) return -1;
+    for (int64_t r = 0; r < batch; r++)
+        for (int64_t k = 0; k < rank; k++) {
+            float sum = 0.0f;
+            for (int64_t i = 0; i < n_in; i++) sum += a[k * n_in + i] * x[r * n_in + i];
+            t[r * rank + k] = s * sum;
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < n_out; o++)
+        for (int64_t r = 0; r < batch; r++) {
+            float sum = 0.0f;
+            for (int64_t k = 0; k < rank; k++) sum += t[r * rank + k] * b[o * rank + k];
+            y[r * n_out + o] += sum;
+        }
+    free(t);
+    return 0;
+}
+
 /* Returns 0 on success, -1 if this build cannot run it (no SIMD, bad shape, no memory). */
 int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64_t n_in,
                   int64_t bs, const float* absmax, const uint8_t* qabs, const float* abscode,
                   const float* absscale, int64_t bs2, float offset, const float* x,
-                  int64_t batch, float* y, int threads) {
+                  int64_t batch, float* y, int threads, const float* lora_a,
+                  const float* lora_b, int64_t rank, float lora_scale) {
 #if LANES
     if (bs % CHUNK || n_in % bs || batch < 1) return -1;
     int64_t n_blocks = n_out * (n_in / bs);
@@ -139,6 +163,7 @@ int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64
     }
     free(xp);
     free(scales);
+    if (lora_a) return add_lora(lora_a, lora_b, rank, lora_scale, x, batch, n_in, y, n_out, threads);
     return 0;
 #else
     return -1;

@@ -137,25 +137,35 @@ class NF4Linear(nn.Module):
         """The (out, in) weight in ``dtype`` (default: the dtype it was quantized from)."""
         return dequantize_nf4(self.state, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
         device = x.device.type
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self._compute_dtype(x)
         cached = self.__dict__.get("_cached_weight")
         if cached is not None and cached.dtype != dtype:
             cached = None
         if cached is not None and not (torch.is_grad_enabled() and x.requires_grad):
             y = F.linear(x.to(dtype), cached)  # decoding: the weight dequantized once
-        elif (
-            not (self.training or torch.is_grad_enabled())  # not a checkpointed training pass
-            and x.numel() <= KERNEL_ROWS * x.shape[-1]
-            and (kernel := self._kernel(x.device)) is not None
-        ):
-            y = kernel(x, dtype)  # decoding from the 4-bit codes
-        else:
+        elif (y := self.decode(x)) is None:
             y = _NF4Matmul.apply(x, self.state, dtype, cached)
         # Added outside the autograd function so that a bias made trainable gets its gradient.
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def decode(self, x: Tensor, lora: nf4_kernel.LoRA | None = None) -> Tensor | None:
+        """A decoding step (no grad, eval mode, at most KERNEL_ROWS rows) straight from the
+        4-bit codes with the compiled kernel, `lora` added in the same call; None (and nothing
+        computed) where the kernel does not run or a cached dequantized weight is there."""
+        if (
+            self.training  # a no-grad training pass (reentrant checkpointing) keeps autograd's
+            or torch.is_grad_enabled()
+            or x.numel() > KERNEL_ROWS * x.shape[-1]
+            or "_cached_weight" in self.__dict__
+            or (kernel := self._kernel(x.device)) is None
+        ):
+            return None
+        return kernel(x, self._compute_dtype(x), lora)  # without the bias, as F.linear's weight
 
     def _kernel(self, device: torch.device) -> nf4_kernel.KernelWeight | None:
         """The compiled kernel's prepared call for this weight, or None where it cannot run;
