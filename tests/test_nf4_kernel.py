@@ -18,12 +18,13 @@ needs_kernel = pytest.mark.skipif(
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])  # 11: one group of 8 rows, then 3
-def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows):
+@pytest.mark.parametrize("n_in", [256, 1280])  # 1280: x of many rows is cut into input tiles
+def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows, n_in):
     g = torch.Generator().manual_seed(rows)
-    weight = torch.randn(96, 256, generator=g) * 0.05
+    weight = torch.randn(96, n_in, generator=g) * 0.05
     state = quantize_nf4(weight, blocksize, double_quant)
     assert nf4_kernel.supports(state, torch.device("cpu"))
-    x = torch.randn(2, rows, 256, generator=g)
+    x = torch.randn(2, rows, n_in, generator=g)
     exact = x.double() @ dequantize_nf4(state, torch.float64).T
     got = nf4_kernel.nf4_matmul(x, state, torch.float32)
     assert got.shape == (2, rows, 96)
