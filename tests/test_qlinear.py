@@ -228,3 +228,15 @@ def test_cuda():
     assert y.dtype == torch.bfloat16 and y.is_cuda
     y.float().sum().backward()
     assert x.grad.is_cuda and x.grad.dtype == torch.float32
+
+
+def test_free_memory_counts_the_page_cache_the_system_can_drop():
+    import os
+
+    from lorakit.qlinear import free_memory
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    free_pages = os.sysconf("SC_AVPHYS_PAGES") * page
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    available = free_memory(torch.device("cpu"))
+    assert free_pages - (64 << 20) <= available <= total  # 64 MB: the two reads are not atomic

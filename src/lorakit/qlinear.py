@@ -194,9 +194,18 @@ def decodes_from_codes(model: nn.Module, device: torch.device) -> bool:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free on the device (CPU: available RAM)."""
+    """Bytes free on the device. CPU: Linux's MemAvailable (free pages plus the page cache it
+    can drop), else free pages; free pages alone swing by gigabytes with recent file reads, and
+    decisions made on them (weight cache on or off) changed from one run to the next."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
