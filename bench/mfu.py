@@ -10,8 +10,9 @@
    explicit kernel computes the full L x L scores, masked half included, and recomputes them
    in backward, so counting them would credit work the model does not need. MFU is thus a
    lower bound; the rate with everything counted is printed beside it.
-3. Decode ceiling: one pass over every weight matrix in bf16 at batch 1 and 8, the memory
-   traffic a decoded token cannot avoid with weights dequantized once.
+3. Decode ceiling: one pass over every weight matrix at batch 1 and 8, the NF4 layers once as
+   a bf16 copy and once through the 4-bit kernel (nf4_kernel.py), the output head in bf16:
+   the least a decoded token costs, with no other work.
 
     python bench/mfu.py                # 4 timed steps of 4 x 512 tokens after 1 warm-up
 """
@@ -69,22 +70,33 @@ def main() -> None:
         peaks[torch.bfloat16] = max(peaks[torch.bfloat16], r16)
         print(f"| {name} | {r32:.0f} | {r16:.0f} | {r16 / r32:.2f} |")
 
-    # Decoding reads every weight once per token: the fastest a bf16 model can decode here.
-    print("\n| decode ceiling: all weight matrices once, bf16 | ms | tokens/s at most |")
-    print("|---|---|---|")
+    # Decoding reads every weight once per token: the fastest the model can decode here, with
+    # the NF4 layers dequantized to bf16 once, or read from their 4-bit codes by the kernel.
+    from lorakit.nf4_kernel import KernelWeight, library
+
+    print("\n| decode ceiling: every weight matrix once | batch | ms | tokens/s at most |")
+    print("|---|---|---|---|")
     nf4 = [m for m in model.modules() if hasattr(m, "packed")]
-    weights = [m.dequantized_weight(torch.bfloat16) for m in nf4]
-    weights.append(model.get_output_embeddings().weight.to(torch.bfloat16))
-    for batch in (1, 8):
-        xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=torch.bfloat16) for w in weights}
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            for w in weights:
-                xs[w.shape[1]] @ w.T
-            best = min(best, time.perf_counter() - t)
-        print(f"| batch {batch} | {best * 1e3:.1f} | {batch / best:.0f} |")
-    del weights
+    head = model.get_output_embeddings().weight.to(torch.bfloat16)
+    copies = [m.dequantized_weight(torch.bfloat16) for m in nf4]
+    ways = {"NF4 layers as a bf16 copy": [(w.shape[1], lambda x, w=w: x @ w.T) for w in copies]}
+    if library() is not None:
+        kernels = [KernelWeight(m.state) for m in nf4]
+        ways["NF4 layers by the 4-bit kernel"] = [
+            (k.shape[1], lambda x, k=k: k(x, torch.bfloat16)) for k in kernels
+        ]
+    for way, calls in ways.items():
+        calls = [*calls, (head.shape[1], lambda x: x @ head.T)]  # the head stays bf16
+        for batch in (1, 8):
+            xs = {n: torch.randn(batch, n, dtype=torch.bfloat16) for n, _ in calls}
+            best = float("inf")
+            for _ in range(5):
+                t = time.perf_counter()
+                for n, call in calls:
+                    call(xs[n])
+                best = min(best, time.perf_counter() - t)
+            print(f"| {way} | {batch} | {best * 1e3:.1f} | {batch / best:.0f} |")
+    del copies, ways
 
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, batch_size=4)
     attach_adapter(model, cfg)
