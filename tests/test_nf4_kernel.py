@@ -32,6 +32,11 @@ def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows, n_i
     in_bf16 = nf4_kernel.nf4_matmul(x, state, torch.bfloat16)
     assert in_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(in_bf16, got.bfloat16())
+    # bf16 activations: the products may run in bf16 (AVX512-BF16), float32 sums.
+    xb = x.bfloat16()
+    exact_b = xb.double() @ dequantize_nf4(state, torch.float64).T
+    low = nf4_kernel.nf4_matmul(xb, state, torch.bfloat16).double()
+    assert (low - exact_b).abs().max() < 1e-2 * exact_b.abs().max()
 
 
 def test_shapes_the_kernel_does_not_take():

@@ -89,6 +89,7 @@ def library() -> ctypes.CDLL | None:
     lib.lk_nf4_matmul.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
     lib.lk_nf4_matmul.argtypes += [ctypes.c_float, ptr, i64, ptr, ctypes.c_int]
     lib.lk_nf4_matmul.argtypes += [ptr, ptr, i64, ctypes.c_float]  # an adapter to add, or None
+    lib.lk_nf4_matmul.argtypes += [ctypes.c_int]  # x is bf16: products may run in bf16
     lib.lk_nf4_matmul.restype = ctypes.c_int
     return lib
 
@@ -137,6 +138,7 @@ class KernelWeight:
         rows = x.reshape(-1, n_in).float().contiguous()
         y = torch.empty(rows.shape[0], n_out, dtype=torch.float32)
         args = (rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads())
+        bf16 = int(x.dtype == dtype == torch.bfloat16)  # nothing of x lost in bf16 products
         if lora is None:
             args += (None, None, 0, 0.0)
         else:
@@ -144,7 +146,7 @@ class KernelWeight:
             assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
             assert a.shape == (b.shape[1], n_in) and b.shape[0] == n_out
             args += (a.data_ptr(), b.data_ptr(), a.shape[0], scale)
-        if self.call(*self.args, *args) != 0:
+        if self.call(*self.args, *args, bf16) != 0:
             raise RuntimeError(f"the NF4 kernel refused a {tuple(self.shape)} weight")
         return y.to(dtype).view(*x.shape[:-1], n_out)
 
