@@ -65,34 +65,31 @@ int lk_nf4_lanes(void) { return LANES; }
 #define OUT_TILE 64
 #define IN_TILE 512
 #define L1_BYTES 32768 /* x that fits in this is not tiled */
-#define DOT(n) dot_rows(n, row, code, k0, k1, bs, row_scales, xb, st, yb, n_out)
-#define ROW_CASES                     \
-    case 1: DOT(1); break;            \
-    case 2: DOT(2); break;            \
-    case 3: DOT(3); break;            \
-    case 4: DOT(4); break;            \
-    case 5: DOT(5); break;            \
-    case 6: DOT(6); break;            \
-    case 7: DOT(7); break;            \
-    default: DOT(8); break;
-#define DOT_BF16(n) dot_rows_bf16(n, row, code, k0, k1, bs, row_scales, xbb, st, yb, n_out)
-#define ROW_CASES_BF16                \
-    case 1: DOT_BF16(1); break;       \
-    case 2: DOT_BF16(2); break;       \
-    case 3: DOT_BF16(3); break;       \
-    case 4: DOT_BF16(4); break;       \
-    case 5: DOT_BF16(5); break;       \
-    case 6: DOT_BF16(6); break;       \
-    case 7: DOT_BF16(7); break;       \
-    default: DOT_BF16(8); break;
+#if defined(__AVX512BF16__)
+#define HAVE_BF16 1
+#else
+#define HAVE_BF16 0
+#endif
+#define DOT(n, bf16) dot_rows(n, bf16, row, code, k0, k1, bs, row_scales, xb, xhb, st, yb, n_out)
+#define ROW_CASES(bf16)                  \
+    case 1: DOT(1, bf16); break;         \
+    case 2: DOT(2, bf16); break;         \
+    case 3: DOT(3, bf16); break;         \
+    case 4: DOT(4, bf16); break;         \
+    case 5: DOT(5, bf16); break;         \
+    case 6: DOT(6, bf16); break;         \
+    case 7: DOT(7, bf16); break;         \
+    default: DOT(8, bf16); break;
 
-/* One output feature over inputs [k0, k1) for `rows` (compile-time after inlining) rows of
- * the permuted x, whose chunks are `stride` floats apart, the rows' copies of a chunk side by
- * side; added into y. */
+/* One output feature over inputs [k0, k1) for `rows` rows of the permuted x (xp, or its bf16
+ * copy xh when `bf16`; both compile-time after inlining), whose chunks are `stride` elements
+ * apart, the rows' copies of a chunk side by side; added into y. In bf16, the decoded codes
+ * are rounded to bf16 too and one vdpbf16ps per chunk and row does 32 multiply-adds instead
+ * of two FMAs' 16 each (float32 sums either way). */
 static inline __attribute__((always_inline)) void dot_rows(
-    const int rows, const uint8_t* packed, const float* code, int64_t k0, int64_t k1,
-    int64_t bs, const float* scales, const float* xp, int64_t stride, float* y,
-    int64_t y_stride) {
+    const int rows, const int bf16, const uint8_t* packed, const float* code, int64_t k0,
+    int64_t k1, int64_t bs, const float* scales, const float* xp, const uint16_t* xh,
+    int64_t stride, float* y, int64_t y_stride) {
     vec acc[MAX_ROWS];
     for (int r = 0; r < rows; r++) acc[r] = vzero();
     for (int64_t start = k0; start < k1; start += bs) {
@@ -101,6 +98,17 @@ static inline __attribute__((always_inline)) void dot_rows(
         for (int64_t c = start; c < start + bs; c += CHUNK) {
             vec hi, lo;
             decode(packed + c / 2, code, &hi, &lo);
+#if HAVE_BF16
+            if (bf16) {
+                __m512bh w = _mm512_cvtne2ps_pbh(lo, hi); /* evens in the low half, as in xh */
+                const uint16_t* xc = xh + c / CHUNK * stride;
+                for (int r = 0; r < rows; r++) {
+                    __m512bh xr = (__m512bh)_mm512_loadu_si512((const void*)(xc + r * CHUNK));
+                    part[r] = _mm512_dpbf16_ps(part[r], w, xr);
+                }
+                continue;
+            }
+#endif
             const float* xc = xp + c / CHUNK * stride;
             for (int r = 0; r < rows; r++) {
                 part[r] = vfma(hi, vload(xc + r * CHUNK), part[r]);
@@ -112,40 +120,9 @@ static inline __attribute__((always_inline)) void dot_rows(
     }
     for (int r = 0; r < rows; r++) y[r * y_stride] += vsum(acc[r]);
 }
-
-#if defined(__AVX512BF16__)
-/* The same with x in bf16 (xb: the permuted x rounded, 32 per chunk) and the decoded codes
- * rounded to bf16: one vdpbf16ps per chunk and row does 32 multiply-adds instead of two FMAs'
- * 16 each. Used when the activations are bf16 anyway. */
-static inline __attribute__((always_inline)) void dot_rows_bf16(
-    const int rows, const uint8_t* packed, const float* code, int64_t k0, int64_t k1,
-    int64_t bs, const float* scales, const uint16_t* xb, int64_t stride, float* y,
-    int64_t y_stride) {
-    vec acc[MAX_ROWS];
-    for (int r = 0; r < rows; r++) acc[r] = vzero();
-    for (int64_t start = k0; start < k1; start += bs) {
-        vec part[MAX_ROWS];
-        for (int r = 0; r < rows; r++) part[r] = vzero();
-        for (int64_t c = start; c < start + bs; c += CHUNK) {
-            vec hi, lo;
-            decode(packed + c / 2, code, &hi, &lo);
-            __m512bh w = _mm512_cvtne2ps_pbh(lo, hi); /* evens in the low half, as in xb */
-            const uint16_t* xc = xb + c / CHUNK * stride;
-            for (int r = 0; r < rows; r++)
-                part[r] = _mm512_dpbf16_ps(
-                    part[r], w, (__m512bh)_mm512_loadu_si512((const void*)(xc + r * CHUNK)));
-        }
-        vec s = vset1(scales[start / bs]);
-        for (int r = 0; r < rows; r++) acc[r] = vfma(part[r], s, acc[r]);
-    }
-    for (int r = 0; r < rows; r++) y[r * y_stride] += vsum(acc[r]);
-}
-#define HAVE_BF16 1
-#else
-#define HAVE_BF16 0
-#endif
 #endif
 
+#if LANES
 /* y += s * (x @ A.T) @ B.T: a rank-r adapter, small enough for plain loops. */
 static int add_lora(const float* a, const float* b, int64_t rank, float s, const float* x,
                     int64_t batch, int64_t n_in, float* y, int64_t n_out, int threads) {
@@ -167,6 +144,7 @@ static int add_lora(const float* a, const float* b, int64_t rank, float s, const
     free(t);
     return 0;
 }
+#endif
 
 /* Returns 0 on success, -1 if this build cannot run it (no SIMD, bad shape, no memory). */
 int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64_t n_in,
@@ -234,17 +212,15 @@ int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64
                 const float* row_scales = s + o * (n_in / bs);
                 for (int64_t b = 0; b < batch; b += MAX_ROWS) {
                     const float* xb = xp + b * CHUNK;
+                    const uint16_t* xhb = xh ? xh + b * CHUNK : NULL;
                     float* yb = y + b * n_out + o;
                     const int64_t st = batch * CHUNK;
                     const int n = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
-#if HAVE_BF16
                     if (xh) {
-                        const uint16_t* xbb = xh + b * CHUNK;
-                        switch (n) { ROW_CASES_BF16 }
-                        continue;
+                        switch (n) { ROW_CASES(1) }
+                    } else {
+                        switch (n) { ROW_CASES(0) }
                     }
-#endif
-                    switch (n) { ROW_CASES }
                 }
             }
         }
