@@ -119,9 +119,11 @@ class LoRALinear(nn.Module):
     def _decode_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """A decoding step over an NF4 base with one adapter running: the compiled kernel adds
         the adapter in its own call (the separate small matmuls cost more than the layer)."""
-        unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
         base = self.base_layer
-        if self.row_adapters is not None or len(unmerged) != 1 or not isinstance(base, NF4Linear):
+        if torch.is_grad_enabled() or self.row_adapters is not None:
+            return None  # training, or rows on different adapters: not a fused decode
+        unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if len(unmerged) != 1 or not isinstance(base, NF4Linear):
             return None
         a, b = self.lora_A[unmerged[0]].weight, self.lora_B[unmerged[0]].weight
         if a.dtype != torch.float32 or b.dtype != torch.float32:

@@ -5,7 +5,7 @@ codes that is a quarter of a bf16 copy's. `nf4_matmul.c` (AVX-512 or AVX2, OpenM
 at first use with the system C compiler into the user cache (`$LORAKIT_CACHE`, else
 `~/.cache/lorakit`) and loaded with ctypes: no build step at install, no PyTorch headers. Where
 it cannot run (no C compiler, a CPU without AVX2, a shape it does not take, a GPU tensor)
-`nf4_matmul` returns None and callers keep the PyTorch path. `LORAKIT_NF4_KERNEL=0` turns it off.
+`supports` says False and callers keep the PyTorch path. `LORAKIT_NF4_KERNEL=0` turns it off.
 """
 
 from __future__ import annotations
