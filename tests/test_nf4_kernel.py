@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lorakit import nf4_kernel, qlinear
-from lorakit.nf4 import dequantize_nf4, quantize_nf4
+from lorakit.nf4 import NF4_CODE, block_absmax, dequantize_nf4, quantize_nf4
 from lorakit.qlinear import NF4Linear
 
 needs_kernel = pytest.mark.skipif(
@@ -37,6 +37,43 @@ def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows, n_i
     exact_b = xb.double() @ dequantize_nf4(state, torch.float64).T
     low = nf4_kernel.nf4_matmul(xb, state, torch.bfloat16).double()
     assert (low - exact_b).abs().max() < 1e-2 * exact_b.abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("rows", [1, 8, 11])
+def test_bf16_products_are_exact_products_of_the_bf16_rounded_codes(blocksize, rows):
+    """With bf16 activations the products run in bf16 where the CPU has AVX512-BF16 (float32
+    elsewhere): each code rounded to bf16, times x,
+    summed in float32, times the block's scale: only the float32 sums and the bf16 result may
+    differ from that (a lane paired with the wrong element of x would be far off)."""
+    g = torch.Generator().manual_seed(blocksize + rows)
+    state = quantize_nf4(torch.randn(80, 1280, generator=g) * 0.05, blocksize, True)
+    packed = state.packed.reshape(80, 640).long()
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(80, 1280)  # high nibble first
+    code = torch.tensor(NF4_CODE)
+    values = (code.bfloat16() if nf4_kernel.bf16_products() else code).double()[codes]
+    scales = block_absmax(state).double().reshape(80, -1).repeat_interleave(blocksize, dim=1)
+    x = torch.randn(rows, 1280, generator=g).bfloat16()
+    exact = x.double() @ (values * scales).T
+    got = nf4_kernel.nf4_matmul(x, state, torch.bfloat16)
+    torch.testing.assert_close(got.double(), exact.bfloat16().double(), rtol=1e-2, atol=1e-4)
+    assert (got.double() - exact).abs().max() < 5e-3 * exact.abs().max()  # bf16 rounding
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 10])
+def test_bf16_head_kernel_equals_a_bf16_linear(rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(1000, 192, generator=g) * 0.05).bfloat16()
+    x = torch.randn(2, rows, 192, generator=g).bfloat16()
+    assert nf4_kernel.head_supports(weight, x)
+    exact = x.double() @ weight.double().T
+    got = nf4_kernel.bf16_matmul(x, weight)
+    assert got.shape == (2, rows, 1000) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact.bfloat16().double(), rtol=1e-2, atol=1e-3)
+    assert not nf4_kernel.head_supports(weight.float(), x)
+    assert not nf4_kernel.head_supports(weight[:, :100], x)
 
 
 def test_shapes_the_kernel_does_not_take():

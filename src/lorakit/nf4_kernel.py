@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lorakit.nf4 import NF4_CODE, NF4State
+from lorakit.nf4 import NF4_CODE, NF4State, block_absmax
 
 SOURCE = Path(__file__).with_name("nf4_matmul.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
@@ -67,6 +67,19 @@ def _build(cc: str) -> Path | None:
     return path
 
 
+class _Weight(ctypes.Structure):
+    """nf4_matmul.c's nf4_weight: what stays the same from call to call."""
+
+    _fields_ = [
+        ("packed", ctypes.c_void_p),
+        ("code", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("n_out", ctypes.c_int64),
+        ("n_in", ctypes.c_int64),
+        ("bs", ctypes.c_int64),
+    ]
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it is off, cannot be built or cannot run here."""
@@ -85,13 +98,22 @@ def library() -> ctypes.CDLL | None:
         return None
     if lib.lk_nf4_lanes() == 0:  # compiled without AVX2: slower than PyTorch's path
         return None
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lk_nf4_matmul.argtypes = [ptr, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, i64]
-    lib.lk_nf4_matmul.argtypes += [ctypes.c_float, ptr, i64, ptr, ctypes.c_int]
-    lib.lk_nf4_matmul.argtypes += [ptr, ptr, i64, ctypes.c_float]  # an adapter to add, or None
-    lib.lk_nf4_matmul.argtypes += [ctypes.c_int]  # x is bf16: products may run in bf16
-    lib.lk_nf4_matmul.restype = ctypes.c_int
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    # weight, x, x is bf16, rows, y, y is bf16, threads, then an adapter to add (or None),
+    # then whether the products may run in bf16
+    lib.lk_nf4_matmul.argtypes = [ctypes.POINTER(_Weight), ptr, i32, i64, ptr, i32, i32]
+    lib.lk_nf4_matmul.argtypes += [ptr, ptr, i64, ctypes.c_float, i32]
+    lib.lk_nf4_matmul.restype = i32
+    # weight, out, in, x, x is bf16, rows, y, y is bf16, threads
+    lib.lk_bf16_matmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, i32, i32]
+    lib.lk_bf16_matmul.restype = i32
     return lib
+
+
+def bf16_products() -> bool:
+    """Whether the kernel multiplies bf16 activations in bf16 here (AVX512-BF16)."""
+    lib = library()
+    return lib is not None and lib.lk_nf4_bf16() == 1
 
 
 def supports(state: NF4State, device: torch.device) -> bool:
@@ -111,22 +133,18 @@ def supports(state: NF4State, device: torch.device) -> bool:
 
 class KernelWeight:
     """One weight's kernel arguments, prepared once: a decoding step calls each layer hundreds
-    of times a second, so per call only the activations are converted."""
+    of times a second, so per call only the activations' pointers are new. The block scales
+    are kept in float32 (double quantization undone once): 1/16 of a bit per weight more."""
 
     def __init__(self, state: NF4State) -> None:
         lib = library()
         assert lib is not None and supports(state, state.packed.device)
         self.call, self.shape = lib.lk_nf4_matmul, state.shape
-        dq = state.double_quant
-        # Held here for as long as the pointers below are used.
-        self.tensors = [state.packed.contiguous(), state.absmax.contiguous()]
-        if dq:
-            self.tensors += [state.absmax_code.float().contiguous()]
-            self.tensors += [state.absmax_scale.float().contiguous()]
-        ptr = [t.data_ptr() for t in self.tensors]
-        absmax = (None, ptr[1], ptr[2], ptr[3]) if dq else (ptr[1], None, None, None)
-        self.args = (ptr[0], _CODE.data_ptr(), *state.shape, state.blocksize, *absmax)
-        self.args += (state.blocksize2, state.offset or 0.0)
+        # Held here for as long as the pointers in the structure are used.
+        self.tensors = [state.packed.contiguous(), block_absmax(state).float().contiguous()]
+        packed, scales = (t.data_ptr() for t in self.tensors)
+        self.weight = _Weight(packed, _CODE.data_ptr(), scales, *state.shape, state.blocksize)
+        self.ref = ctypes.byref(self.weight)
 
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other buffers: it prepares its own call when used
@@ -135,22 +153,82 @@ class KernelWeight:
         """x (..., in) @ W.T -> (..., out) in `dtype`, accumulated in float32; plus
         scale * (x @ A.T) @ B.T for `lora` = (A, B, scale), float32 contiguous A and B."""
         n_out, n_in = self.shape
-        rows = x.reshape(-1, n_in).float().contiguous()
-        y = torch.empty(rows.shape[0], n_out, dtype=torch.float32)
-        args = (rows.data_ptr(), rows.shape[0], y.data_ptr(), torch.get_num_threads())
-        bf16 = int(x.dtype == dtype == torch.bfloat16)  # nothing of x lost in bf16 products
-        if lora is None:
-            args += (None, None, 0, 0.0)
-        else:
+        rows = _activations(x, n_in)
+        y = torch.empty(*x.shape[:-1], n_out, dtype=_out_dtype(dtype))
+        a = b = None
+        rank, scale = 0, 0.0
+        if lora is not None:
             a, b, scale = lora
             assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
             assert a.shape == (b.shape[1], n_in) and b.shape[0] == n_out
-            args += (a.data_ptr(), b.data_ptr(), a.shape[0], scale)
-        if self.call(*self.args, *args, bf16) != 0:
+            a, b, rank = a.data_ptr(), b.data_ptr(), a.shape[0]
+        status = self.call(
+            self.ref,
+            rows.data_ptr(),
+            rows.dtype == torch.bfloat16,
+            rows.shape[0],
+            y.data_ptr(),
+            y.dtype == torch.bfloat16,
+            torch.get_num_threads(),
+            a,
+            b,
+            rank,
+            scale,
+            x.dtype == dtype == torch.bfloat16,  # nothing of x lost in bf16 products
+        )
+        if status != 0:
             raise RuntimeError(f"the NF4 kernel refused a {tuple(self.shape)} weight")
-        return y.to(dtype).view(*x.shape[:-1], n_out)
+        return y if y.dtype == dtype else y.to(dtype)
+
+
+def _activations(x: Tensor, n_in: int) -> Tensor:
+    """x as contiguous (rows, in) float32 or bf16, the two dtypes the kernel reads."""
+    rows = x.reshape(-1, n_in)
+    if rows.dtype not in (torch.float32, torch.bfloat16):
+        rows = rows.float()
+    return rows.contiguous()
+
+
+def _out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
 def nf4_matmul(x: Tensor, state: NF4State, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor:
     """x (..., in) @ W.T (+ the adapter) in `dtype`, accumulated in float32. Check `supports`."""
     return KernelWeight(state)(x, dtype, lora)
+
+
+def head_supports(weight: Tensor, x: Tensor) -> bool:
+    """Whether `bf16_matmul` takes this weight and input: a 2-D bf16 CPU weight whose rows are
+    a multiple of 32 elements, x on the CPU."""
+    return (
+        weight.dtype == torch.bfloat16
+        and weight.device.type == x.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.shape[1] % 32 == 0
+        and weight.is_contiguous()
+        and library() is not None
+    )
+
+
+def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., in) @ W.T in bf16 for a bf16 W, float32 sums. Check `head_supports`."""
+    n_out, n_in = weight.shape
+    rows = _activations(x, n_in)
+    y = torch.empty(*x.shape[:-1], n_out, dtype=torch.bfloat16)
+    lib = library()
+    assert lib is not None
+    status = lib.lk_bf16_matmul(
+        weight.data_ptr(),
+        n_out,
+        n_in,
+        rows.data_ptr(),
+        rows.dtype == torch.bfloat16,
+        rows.shape[0],
+        y.data_ptr(),
+        True,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"the bf16 kernel refused a {tuple(weight.shape)} weight")
+    return y

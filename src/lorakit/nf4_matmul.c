@@ -1,20 +1,30 @@
-/* y = x @ W.T with W in NF4 (lorakit.nf4's layout), read straight from its 4-bit codes.
+/* y = x @ W.T with W in NF4 (lorakit.nf4's layout), read straight from its 4-bit codes; and
+ * y = x @ W.T with W in bf16, for the output head.
  *
- * Decoding reads a quarter of the bytes a bf16 weight would: the point for generation, where
- * every new token reads every weight once. Compiled at first use by lorakit/nf4_kernel.py with
+ * Decoding reads every weight once per new token: from the 4-bit codes that is a quarter of the
+ * bytes a bf16 weight would be. Compiled at first use by lorakit/nf4_kernel.py with
  * -march=native; without AVX2 it reports width 0 and lorakit keeps its PyTorch path.
  *
- * packed: two codes per byte, the first element in the high nibble; rows of n_in elements;
- * blocks of bs elements along a row (n_in % bs == 0, bs % 32 == 0), each with one scale:
- * absmax[g] or, double-quantized, abscode[qabs[g]] * absscale[g / bs2] + offset.
- * x: (batch, n_in) float32; y: (batch, n_out) float32. With lora_a (rank, n_in) and lora_b
- * (n_out, rank), float32, it adds a LoRA adapter in the same call: y += s * (x @ A.T) @ B.T.
- * bf16 != 0 says x holds bf16 values: where the CPU has AVX512-BF16 the products then run in
- * bf16 with float32 sums (the codes rounded to bf16 too).
+ * NF4: packed holds two codes per byte, the first element in the high nibble; rows of n_in
+ * elements; blocks of bs elements along a row (n_in % bs == 0, bs % 32 == 0), each with one
+ * float32 scale (double quantization already undone by the caller). x: (batch, n_in), float32
+ * or bf16 (x_bf16); y: (batch, n_out), float32 or bf16 (y_bf16, rounded to nearest even).
+ * With lora_a (rank, n_in) and lora_b (n_out, rank), float32, an adapter is added in the same
+ * call: y += s * (x @ A.T) @ B.T. bf16_products says the caller computes in bf16: where the CPU
+ * has AVX512-BF16 the products then run in bf16 with float32 sums (the codes and x rounded to
+ * bf16, as a bf16 copy of the weight would round them).
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+
+typedef struct { /* one NF4 weight, prepared once by nf4_kernel.KernelWeight */
+    const uint8_t* packed;
+    const float* code;   /* the 16 NF4 values */
+    const float* scales; /* one per block, row-major */
+    int64_t n_out, n_in, bs;
+} nf4_weight;
 
 #if defined(__AVX512F__)
 #define LANES 16
@@ -30,6 +40,13 @@ static inline void decode(const uint8_t* p, const float* code, vec* hi, vec* lo)
     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
     *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
     *lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut);
+}
+/* 2 * LANES bf16 -> float32: the first LANES and the next LANES */
+static inline void widen(const uint16_t* p, vec* a, vec* b) {
+    __m512i v = _mm512_loadu_si512((const void*)p);
+    *a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+    *b = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define LANES 8
@@ -53,6 +70,12 @@ static inline void decode(const uint8_t* p, const float* code, vec* hi, vec* lo)
     *hi = lookup(_mm256_srli_epi32(v, 4), code);
     *lo = lookup(_mm256_and_si256(v, _mm256_set1_epi32(15)), code);
 }
+static inline void widen(const uint16_t* p, vec* a, vec* b) {
+    __m256i v = _mm256_loadu_si256((const __m256i*)p);
+    *a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)), 16));
+    *b = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(v, 1)), 16));
+}
 #else
 #define LANES 0
 #endif
@@ -60,7 +83,8 @@ static inline void decode(const uint8_t* p, const float* code, vec* hi, vec* lo)
 int lk_nf4_lanes(void) { return LANES; }
 
 #if LANES
-#define CHUNK (2 * LANES) /* elements decoded at once: LANES bytes */
+#define CHUNK (2 * LANES) /* elements decoded at once from LANES bytes (float32 products) */
+#define CHUNK16 64        /* elements per step of the bf16 products: 32 bytes of codes */
 #define MAX_ROWS 8
 #define OUT_TILE 64
 #define IN_TILE 512
@@ -70,26 +94,38 @@ int lk_nf4_lanes(void) { return LANES; }
 #else
 #define HAVE_BF16 0
 #endif
-#define DOT(n, bf16) dot_rows(n, bf16, row, code, k0, k1, bs, row_scales, xb, xhb, st, yb, n_out)
-#define ROW_CASES(bf16)                  \
-    case 1: DOT(1, bf16); break;         \
-    case 2: DOT(2, bf16); break;         \
-    case 3: DOT(3, bf16); break;         \
-    case 4: DOT(4, bf16); break;         \
-    case 5: DOT(5, bf16); break;         \
-    case 6: DOT(6, bf16); break;         \
-    case 7: DOT(7, bf16); break;         \
-    default: DOT(8, bf16); break;
+int lk_nf4_bf16(void) { return HAVE_BF16; }
 
-/* One output feature over inputs [k0, k1) for `rows` rows of the permuted x (xp, or its bf16
- * copy xh when `bf16`; both compile-time after inlining), whose chunks are `stride` elements
- * apart, the rows' copies of a chunk side by side; added into y. In bf16, the decoded codes
- * are rounded to bf16 too and one vdpbf16ps per chunk and row does 32 multiply-adds instead
- * of two FMAs' 16 each (float32 sums either way). */
+#define ROW_CASES(CALL)            \
+    case 1: CALL(1); break;        \
+    case 2: CALL(2); break;        \
+    case 3: CALL(3); break;        \
+    case 4: CALL(4); break;        \
+    case 5: CALL(5); break;        \
+    case 6: CALL(6); break;        \
+    case 7: CALL(7); break;        \
+    default: CALL(8); break;
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40); /* NaN */
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+/* One output feature over inputs [k0, k1) for `rows` rows of x permuted for decode() (xp), its
+ * chunks `stride` elements apart, the rows' copies of a chunk side by side; added into y. */
 static inline __attribute__((always_inline)) void dot_rows(
-    const int rows, const int bf16, const uint8_t* packed, const float* code, int64_t k0,
-    int64_t k1, int64_t bs, const float* scales, const float* xp, const uint16_t* xh,
-    int64_t stride, float* y, int64_t y_stride) {
+    const int rows, const uint8_t* packed, const float* code, int64_t k0, int64_t k1,
+    int64_t bs, const float* scales, const float* xp, int64_t stride, float* y,
+    int64_t y_stride) {
     vec acc[MAX_ROWS];
     for (int r = 0; r < rows; r++) acc[r] = vzero();
     for (int64_t start = k0; start < k1; start += bs) {
@@ -98,17 +134,6 @@ static inline __attribute__((always_inline)) void dot_rows(
         for (int64_t c = start; c < start + bs; c += CHUNK) {
             vec hi, lo;
             decode(packed + c / 2, code, &hi, &lo);
-#if HAVE_BF16
-            if (bf16) {
-                __m512bh w = _mm512_cvtne2ps_pbh(lo, hi); /* evens in the low half, as in xh */
-                const uint16_t* xc = xh + c / CHUNK * stride;
-                for (int r = 0; r < rows; r++) {
-                    __m512bh xr = (__m512bh)_mm512_loadu_si512((const void*)(xc + r * CHUNK));
-                    part[r] = _mm512_dpbf16_ps(part[r], w, xr);
-                }
-                continue;
-            }
-#endif
             const float* xc = xp + c / CHUNK * stride;
             for (int r = 0; r < rows; r++) {
                 part[r] = vfma(hi, vload(xc + r * CHUNK), part[r]);
@@ -120,9 +145,39 @@ static inline __attribute__((always_inline)) void dot_rows(
     }
     for (int r = 0; r < rows; r++) y[r * y_stride] += vsum(acc[r]);
 }
+
+#if HAVE_BF16
+/* The same in bf16 products: 64 codes (32 bytes) widened to 16-bit indices, looked up as bf16
+ * with one vpermw per nibble, one vdpbf16ps per nibble and row (32 multiply-adds each). Lane i
+ * of the high nibbles pairs elements 4i and 4i+2, of the low ones 4i+1 and 4i+3: xh holds each
+ * row's chunk in that order (see permute_bf16). */
+static inline __attribute__((always_inline)) void dot_rows_bf16(
+    const int rows, const uint8_t* packed, __m512i lut, int64_t k0, int64_t k1, int64_t bs,
+    const float* scales, const uint16_t* xh, int64_t stride, float* y, int64_t y_stride) {
+    __m512 acc[MAX_ROWS];
+    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t start = k0; start < k1; start += bs) {
+        __m512 part[MAX_ROWS];
+        for (int r = 0; r < rows; r++) part[r] = _mm512_setzero_ps();
+        for (int64_t c = start; c < start + bs; c += CHUNK16) {
+            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(packed + c / 2)));
+            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(
+                _mm512_and_si512(v, _mm512_set1_epi16(15)), lut);
+            const uint16_t* xc = xh + c / CHUNK16 * stride;
+            for (int r = 0; r < rows; r++) {
+                const uint16_t* xr = xc + r * CHUNK16;
+                part[r] = _mm512_dpbf16_ps(part[r], hi, (__m512bh)_mm512_loadu_si512(xr));
+                part[r] = _mm512_dpbf16_ps(part[r], lo, (__m512bh)_mm512_loadu_si512(xr + 32));
+            }
+        }
+        __m512 s = _mm512_set1_ps(scales[start / bs]);
+        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(part[r], s, acc[r]);
+    }
+    for (int r = 0; r < rows; r++) y[r * y_stride] += _mm512_reduce_add_ps(acc[r]);
+}
 #endif
 
-#if LANES
 /* y += s * (x @ A.T) @ B.T: a rank-r adapter, small enough for plain loops. */
 static int add_lora(const float* a, const float* b, int64_t rank, float s, const float* x,
                     int64_t batch, int64_t n_in, float* y, int64_t n_out, int threads) {
@@ -144,61 +199,76 @@ static int add_lora(const float* a, const float* b, int64_t rank, float s, const
     free(t);
     return 0;
 }
+
+/* x (batch, n) of either dtype -> float32 */
+static float* as_float(const void* x, int x_bf16, int64_t n) {
+    float* out = malloc(sizeof(float) * n);
+    if (out && x_bf16)
+        for (int64_t i = 0; i < n; i++) out[i] = bf16_to_float(((const uint16_t*)x)[i]);
+    else if (out)
+        memcpy(out, x, sizeof(float) * n);
+    return out;
+}
+
+static void store(const float* y, void* out, int y_bf16, int64_t n) {
+    if (y_bf16)
+        for (int64_t i = 0; i < n; i++) ((uint16_t*)out)[i] = float_to_bf16(y[i]);
+    else if ((const void*)y != out)
+        memcpy(out, y, sizeof(float) * n);
+}
+#else
+int lk_nf4_bf16(void) { return 0; }
 #endif
 
 /* Returns 0 on success, -1 if this build cannot run it (no SIMD, bad shape, no memory). */
-int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64_t n_in,
-                  int64_t bs, const float* absmax, const uint8_t* qabs, const float* abscode,
-                  const float* absscale, int64_t bs2, float offset, const float* x,
-                  int64_t batch, float* y, int threads, const float* lora_a,
-                  const float* lora_b, int64_t rank, float lora_scale, int bf16) {
+int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch, void* out,
+                  int y_bf16, int threads, const float* lora_a, const float* lora_b,
+                  int64_t rank, float lora_scale, int bf16_products) {
 #if LANES
+    const int64_t n_out = w->n_out, n_in = w->n_in, bs = w->bs;
     if (bs % CHUNK || n_in % bs || batch < 1) return -1;
-    int64_t n_blocks = n_out * (n_in / bs);
+    const int bf16 = HAVE_BF16 && bf16_products && bs % CHUNK16 == 0;
+    const int64_t chunk = bf16 ? CHUNK16 : CHUNK;
+    float* xf = as_float(x, x_bf16, batch * n_in);
+    float* y = y_bf16 ? malloc(sizeof(float) * batch * n_out) : out;
     /* x chunk by chunk, every row's copy of a chunk side by side (rows' loads then stay close
-     * together), each with its even elements first, then its odd ones: decode()'s order. */
-    float* xp = malloc(sizeof(float) * batch * n_in);
-    float* scales = absmax ? NULL : malloc(sizeof(float) * n_blocks);
-    if (!xp || (!absmax && !scales)) {
+     * together), in the order the products take it */
+    void* xp = malloc((bf16 ? 2 : 4) * batch * n_in);
+    if (!xf || !y || !xp) {
+        free(xf);
         free(xp);
-        free(scales);
+        if (y != out) free(y);
         return -1;
     }
     for (int64_t r = 0; r < batch; r++)
-        for (int64_t c = 0; c < n_in; c += CHUNK) {
-            float* dst = xp + c / CHUNK * batch * CHUNK + r * CHUNK;
-            const float* src = x + r * n_in + c;
-            for (int k = 0; k < LANES; k++) {
-                dst[k] = src[2 * k];
-                dst[LANES + k] = src[2 * k + 1];
+        for (int64_t c = 0; c < n_in; c += chunk) {
+            const float* src = xf + r * n_in + c;
+            if (bf16) { /* the high nibbles' pairs (4i, 4i+2), then the low ones' (4i+1, 4i+3) */
+                uint16_t* dst = (uint16_t*)xp + c / chunk * batch * chunk + r * chunk;
+                for (int i = 0; i < 16; i++) {
+                    dst[2 * i] = float_to_bf16(src[4 * i]);
+                    dst[2 * i + 1] = float_to_bf16(src[4 * i + 2]);
+                    dst[32 + 2 * i] = float_to_bf16(src[4 * i + 1]);
+                    dst[32 + 2 * i + 1] = float_to_bf16(src[4 * i + 3]);
+                }
+            } else { /* decode()'s order: even elements, then odd ones */
+                float* dst = (float*)xp + c / chunk * batch * chunk + r * chunk;
+                for (int k = 0; k < LANES; k++) {
+                    dst[k] = src[2 * k];
+                    dst[LANES + k] = src[2 * k + 1];
+                }
             }
         }
-    uint16_t* xh = NULL; /* x in bf16, same order as xp */
 #if HAVE_BF16
-    if (bf16) {
-        xh = malloc(sizeof(uint16_t) * batch * n_in);
-        if (!xh) {
-            free(xp);
-            free(scales);
-            return -1;
-        }
-        for (int64_t i = 0; i < batch * n_in; i += CHUNK) {
-            __m512 even = _mm512_loadu_ps(xp + i), odd = _mm512_loadu_ps(xp + i + LANES);
-            __m512bh v = _mm512_cvtne2ps_pbh(odd, even);
-            _mm512_storeu_si512((void*)(xh + i), (__m512i)v);
-        }
-    }
+    uint16_t lut16[32] = {0};
+    for (int i = 0; i < 16; i++) lut16[i] = float_to_bf16(w->code[i]);
+    const __m512i lut = _mm512_loadu_si512((const void*)lut16);
 #endif
-    if (!absmax) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t g = 0; g < n_blocks; g++)
-            scales[g] = abscode[qabs[g]] * absscale[g / bs2] + offset;
-    }
-    const float* s = absmax ? absmax : scales;
     /* Tiles: OUT_TILE outputs at a time over IN_TILE inputs, so that the rows' x of a tile
-     * (8 x IN_TILE floats) stays in L1 across the outputs instead of streaming from L2. */
+     * (8 x IN_TILE values) stays in L1 across the outputs instead of streaming from L2. */
     const int64_t in_tile = batch * n_in * 4 <= L1_BYTES ? n_in : (IN_TILE + bs - 1) / bs * bs;
     const int64_t n_tiles = (n_out + OUT_TILE - 1) / OUT_TILE;
+    const int64_t st = batch * chunk;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t tile = 0; tile < n_tiles; tile++) {
         const int64_t o0 = tile * OUT_TILE;
@@ -208,27 +278,92 @@ int lk_nf4_matmul(const uint8_t* packed, const float* code, int64_t n_out, int64
         for (int64_t k0 = 0; k0 < n_in; k0 += in_tile) {
             const int64_t k1 = k0 + in_tile < n_in ? k0 + in_tile : n_in;
             for (int64_t o = o0; o < o1; o++) {
-                const uint8_t* row = packed + o * n_in / 2;
-                const float* row_scales = s + o * (n_in / bs);
+                const uint8_t* row = w->packed + o * n_in / 2;
+                const float* row_scales = w->scales + o * (n_in / bs);
                 for (int64_t b = 0; b < batch; b += MAX_ROWS) {
-                    const float* xb = xp + b * CHUNK;
-                    const uint16_t* xhb = xh ? xh + b * CHUNK : NULL;
                     float* yb = y + b * n_out + o;
-                    const int64_t st = batch * CHUNK;
                     const int n = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
-                    if (xh) {
-                        switch (n) { ROW_CASES(1) }
-                    } else {
-                        switch (n) { ROW_CASES(0) }
+#if HAVE_BF16
+                    if (bf16) {
+                        const uint16_t* xb = (const uint16_t*)xp + b * chunk;
+#define DOT16(n) dot_rows_bf16(n, row, lut, k0, k1, bs, row_scales, xb, st, yb, n_out)
+                        switch (n) { ROW_CASES(DOT16) }
+                        continue;
                     }
+#endif
+                    const float* xb = (const float*)xp + b * chunk;
+#define DOT(n) dot_rows(n, row, w->code, k0, k1, bs, row_scales, xb, st, yb, n_out)
+                    switch (n) { ROW_CASES(DOT) }
                 }
             }
         }
     }
+    int status = 0;
+    if (lora_a)
+        status = add_lora(lora_a, lora_b, rank, lora_scale, xf, batch, n_in, y, n_out, threads);
+    store(y, out, y_bf16, batch * n_out);
+    free(xf);
     free(xp);
+    if (y != out) free(y);
+    return status;
+#else
+    return -1;
+#endif
+}
+
+/* y = x @ W.T for a bf16 W (n_out, n_in), n_in % (2 * LANES) == 0: the output head while
+ * decoding, a few rows against a large vocabulary, where it is bound by reading W once. */
+int lk_bf16_matmul(const uint16_t* w, int64_t n_out, int64_t n_in, const void* x, int x_bf16,
+                   int64_t batch, void* out, int y_bf16, int threads) {
+#if LANES
+    if (n_in % CHUNK || batch < 1) return -1;
+    float* xf = as_float(x, x_bf16, batch * n_in);
+    float* y = y_bf16 ? malloc(sizeof(float) * batch * n_out) : out;
+#if HAVE_BF16
+    uint16_t* xh = malloc(sizeof(uint16_t) * batch * n_in);
+#else
+    uint16_t* xh = NULL;
+#endif
+    if (!xf || !y || (HAVE_BF16 && !xh)) {
+        free(xf);
+        free(xh);
+        if (y != out) free(y);
+        return -1;
+    }
+#if HAVE_BF16
+    for (int64_t i = 0; i < batch * n_in; i++) xh[i] = float_to_bf16(xf[i]);
+#endif
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < n_out; o++) {
+        const uint16_t* wr = w + o * n_in;
+        for (int64_t b = 0; b < batch; b += MAX_ROWS) {
+            const int rows = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
+            vec acc[MAX_ROWS];
+            for (int r = 0; r < rows; r++) acc[r] = vzero();
+            for (int64_t c = 0; c < n_in; c += CHUNK) {
+#if HAVE_BF16
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(wr + c));
+                for (int r = 0; r < rows; r++) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(xh + (b + r) * n_in + c));
+                    acc[r] = _mm512_dpbf16_ps(acc[r], wv, xv);
+                }
+#else
+                vec w0, w1;
+                widen(wr + c, &w0, &w1);
+                for (int r = 0; r < rows; r++) {
+                    const float* xr = xf + (b + r) * n_in + c;
+                    acc[r] = vfma(w0, vload(xr), acc[r]);
+                    acc[r] = vfma(w1, vload(xr + LANES), acc[r]);
+                }
+#endif
+            }
+            for (int r = 0; r < rows; r++) y[(b + r) * n_out + o] = vsum(acc[r]);
+        }
+    }
+    store(y, out, y_bf16, batch * n_out);
+    free(xf);
     free(xh);
-    free(scales);
-    if (lora_a) return add_lora(lora_a, lora_b, rank, lora_scale, x, batch, n_in, y, n_out, threads);
+    if (y != out) free(y);
     return 0;
 #else
     return -1;
