@@ -182,3 +182,35 @@ def test_decoding_from_the_4bit_codes_is_the_default_and_gives_the_same_tokens(
         copy = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=True)
         assert copies
         assert auto == copy
+
+
+@pytest.mark.skipif(
+    __import__("lorakit.nf4_kernel").nf4_kernel.library() is None,
+    reason="no C compiler or no AVX2 on this machine",
+)
+def test_a_bf16_head_decodes_through_the_kernel_with_the_same_logits(monkeypatch):
+    import lorakit.generate as G
+    from lorakit import nf4_kernel
+
+    model = tiny_model("llama", hidden_size=64, intermediate_size=128).to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    rows = []
+    real = nf4_kernel.bf16_matmul
+    monkeypatch.setattr(nf4_kernel, "bf16_matmul", lambda x, w: rows.append(x.shape) or real(x, w))
+    h = torch.randn(3, 1, 64, dtype=torch.bfloat16)
+    with torch.no_grad(), G.kernel_head(model):
+        torch.testing.assert_close(
+            head(h).double(), (h.double() @ head.weight.double().T), rtol=1e-2, atol=1e-2
+        )
+        assert rows == [(3, 1, 64)]
+        head(torch.randn(1, G.HEAD_ROWS + 1, 64, dtype=torch.bfloat16))  # a prompt: torch's
+        assert len(rows) == 1
+    assert "forward" not in head.__dict__  # the module is as it was
+    with torch.no_grad():
+        head(h)
+    assert len(rows) == 1
+    rows.clear()
+    ours = generate_ids(model, PROMPTS, Sampling(max_new_tokens=8))
+    assert rows  # generation used it
+    monkeypatch.setattr(G, "kernel_head", lambda model: __import__("contextlib").nullcontext())
+    assert generate_ids(model, PROMPTS, Sampling(max_new_tokens=8)) == ours

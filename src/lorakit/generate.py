@@ -8,13 +8,14 @@ step feeds only the new tokens and reuses the cache. Temperature 0 is greedy (de
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from lorakit import nf4_kernel
 from lorakit.errors import LorakitError
 from lorakit.lora import folded_adapters, row_adapters
 from lorakit.qlinear import (
@@ -59,6 +60,51 @@ def cache_kwarg(model: nn.Module) -> str:
     """The forward argument for the KV cache: transformers 5 renamed `past_key_values` to
     `cache`; older releases know only the former."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+# Most rows a decoding step sends through the compiled kernel for a bf16 output head: from one
+# row to eight it takes the same time, a pass over the weight; torch's matmul is 2.5x slower at
+# one row and level with it at eight (bench/generation.py's head lines).
+HEAD_ROWS = 8
+
+
+@contextmanager
+def kernel_head(model: nn.Module) -> Iterator[None]:
+    """Within the block, a decoding step's output head (a bf16 `nn.Linear` without bias, no
+    grad, at most HEAD_ROWS rows computed in bf16) runs through nf4_kernel.bf16_matmul; any
+    other call, and every model whose head is not like that, is left as it is."""
+    head = model.get_output_embeddings()
+    if (
+        type(head) is not nn.Linear
+        or head.bias is not None
+        or not nf4_kernel.head_supports(head.weight, head.weight)
+    ):
+        yield
+        return
+    own = head.__dict__.get("forward")  # an instance-level forward (a hook library's) to restore
+    original = head.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        cpu_bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == (
+            torch.bfloat16
+        )
+        if (
+            torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.numel() > HEAD_ROWS * x.shape[-1]
+            or not (cpu_bf16 or x.dtype == torch.bfloat16)
+        ):
+            return original(x)
+        return nf4_kernel.bf16_matmul(x, head.weight)
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def next_tokens(
@@ -127,6 +173,8 @@ def generate_ids(
     done = [False] * batch
     cache, step_ids = None, ids
     cache_name = cache_kwarg(model)
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no prompt-wide logits
     per_row = row_adapters(model, adapters) if adapters is not None else nullcontext()
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.dtype
@@ -137,7 +185,7 @@ def generate_ids(
     fast = dequantized_weights(model, dtype) if cache_weights else nullcontext()
     # One adapter set for every row: add it into the cached weights once, not per token.
     fold = folded_adapters(model) if cache_weights and adapters is None else nullcontext()
-    with per_row, fast, fold:
+    with per_row, fast, fold, kernel_head(model):
         for _ in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
             result = model(
@@ -146,6 +194,7 @@ def generate_ids(
                 position_ids=positions,
                 use_cache=True,
                 **{cache_name: cache},
+                **keep,
             )
             cache = getattr(result, cache_name)
             tokens = next_tokens(result.logits[:, -1], sampling, generator).tolist()
