@@ -74,6 +74,8 @@ _LLAMA_LIKE = dict(
 TINY_CONFIGS = {
     "llama": dict(_LLAMA_LIKE, tie_word_embeddings=True),
     "qwen2": dict(_LLAMA_LIKE, tie_word_embeddings=False),
+    "mistral": dict(_LLAMA_LIKE, sliding_window=64),
+    "qwen3": dict(_LLAMA_LIKE, head_dim=16),  # q_norm/k_norm; head_dim != hidden / heads
     "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=256),
 }
 

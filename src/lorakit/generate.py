@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lorakit import nf4_kernel
+from lorakit.decode import lean_decoder
 from lorakit.errors import LorakitError
 from lorakit.lora import folded_adapters, row_adapters
 from lorakit.qlinear import (
@@ -171,10 +172,8 @@ def generate_ids(
     eos = set(eos_ids)
     out: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
-    cache, step_ids = None, ids
-    cache_name = cache_kwarg(model)
-    params = inspect.signature(model.forward).parameters
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no prompt-wide logits
+    step_ids = ids
+    forward = lean_decoder(model, batch, longest + sampling.max_new_tokens)
     per_row = row_adapters(model, adapters) if adapters is not None else nullcontext()
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.dtype
@@ -185,19 +184,12 @@ def generate_ids(
     fast = dequantized_weights(model, dtype) if cache_weights else nullcontext()
     # One adapter set for every row: add it into the cached weights once, not per token.
     fold = folded_adapters(model) if cache_weights and adapters is None else nullcontext()
+    transformers_forward = TransformersForward(model)
     with per_row, fast, fold, kernel_head(model):
         for _ in range(sampling.max_new_tokens):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            result = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{cache_name: cache},
-                **keep,
-            )
-            cache = getattr(result, cache_name)
-            tokens = next_tokens(result.logits[:, -1], sampling, generator).tolist()
+            logits = (forward or transformers_forward)(step_ids, mask, positions)
+            tokens = next_tokens(logits, sampling, generator).tolist()
             for i, t in enumerate(tokens):
                 if done[i]:
                     continue
@@ -213,6 +205,29 @@ def generate_ids(
             step_ids = torch.tensor(tokens, device=device)[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return [_cut_stop(row, sampling, decode) for row in out]
+
+
+class TransformersForward:
+    """The model's own forward pass with transformers' KV cache, called like
+    decode.LeanDecoder: (new ids, mask, positions) -> the last position's logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.cache, self.cache_name = model, None, cache_kwarg(model)
+        params = inspect.signature(model.forward).parameters
+        # the prompt's pass computes logits for its last position only, not the whole prompt
+        self.keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        result = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_name: self.cache},
+            **self.keep,
+        )
+        self.cache = getattr(result, self.cache_name)
+        return result.logits[:, -1]
 
 
 def _hits_stop(row: list[int], s: Sampling, decode) -> bool:

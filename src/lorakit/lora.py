@@ -13,14 +13,14 @@ plain function over weights. A batch may carry a different adapter per row (`row
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.qlinear import NF4Linear
+from lorakit.qlinear import KERNEL_ROWS, NF4Linear
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -119,19 +119,27 @@ class LoRALinear(nn.Module):
     def _decode_fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """A decoding step over an NF4 base with one adapter running: the compiled kernel adds
         the adapter in its own call (the separate small matmuls cost more than the layer)."""
+        prompt = x.numel() > KERNEL_ROWS * x.shape[-1]
+        if torch.is_grad_enabled() or prompt or not self.active_adapters:
+            return None  # training or a prompt; no adapter: the base layer decodes by itself
+        call = self.decode_call()
+        return None if call is None else call(x)
+
+    def decode_call(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The compiled kernel's call for this layer's decoding steps (NF4Linear.decode_call):
+        an NF4 base with at most one unmerged float32 adapter, all rows on it; else None."""
         base = self.base_layer
-        if torch.is_grad_enabled() or self.row_adapters is not None:
-            return None  # training, or rows on different adapters: not a fused decode
+        if self.row_adapters is not None or not isinstance(base, NF4Linear):
+            return None  # rows on different adapters, or not a 4-bit base
         unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if len(unmerged) != 1 or not isinstance(base, NF4Linear):
+        if len(unmerged) > 1:
             return None
+        if not unmerged:
+            return base.decode_call()
         a, b = self.lora_A[unmerged[0]].weight, self.lora_B[unmerged[0]].weight
         if a.dtype != torch.float32 or b.dtype != torch.float32:
             return None
-        out = base.decode(x, (a.contiguous(), b.contiguous(), self.scaling[unmerged[0]]))
-        if out is not None and base.bias is not None:
-            out = out + base.bias.to(out.dtype)
-        return out
+        return base.decode_call((a.contiguous(), b.contiguous(), self.scaling[unmerged[0]]))
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each batch row gets its own adapter (or none): group rows by adapter, one matmul each."""

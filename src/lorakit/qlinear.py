@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -28,8 +28,10 @@ from . import nf4_kernel
 from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 
 # Most rows (tokens) a no-grad call sends to the compiled 4-bit kernel (nf4_kernel.py) rather
-# than dequantizing the weight: decoding steps, not prompts, where a bf16 matmul is faster.
-KERNEL_ROWS = 16
+# than dequantizing the weight: decoding steps and short prompts. Beyond ~100 rows dequantizing
+# once and one bf16 matmul are faster (SmolLM2's 210 layers at 64 rows: 98 vs 132 ms; at 128:
+# 190 vs 165 ms; a throwaway measurement, not kept in bench/).
+KERNEL_ROWS = 64
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -157,15 +159,31 @@ class NF4Linear(nn.Module):
         """A decoding step (no grad, eval mode, at most KERNEL_ROWS rows) straight from the
         4-bit codes with the compiled kernel, `lora` added in the same call; None (and nothing
         computed) where the kernel does not run or a cached dequantized weight is there."""
+        if torch.is_grad_enabled() or x.numel() > KERNEL_ROWS * x.shape[-1]:
+            return None
+        call = self.decode_call(lora, bias=False)  # without the bias, as F.linear's weight
+        return None if call is None else call(x)
+
+    def decode_call(
+        self, lora: nf4_kernel.LoRA | None = None, bias: bool = True
+    ) -> Callable[[Tensor], Tensor] | None:
+        """The kernel's call for decoding steps (x of at most KERNEL_ROWS rows, no grad), with
+        `lora` and the bias added, or None where the kernel does not run (training mode: a
+        no-grad pass of reentrant checkpointing keeps autograd's path) or a cached dequantized
+        weight is there. It holds as long as the layer's buffers and cache stay as they are."""
         if (
-            self.training  # a no-grad training pass (reentrant checkpointing) keeps autograd's
-            or torch.is_grad_enabled()
-            or x.numel() > KERNEL_ROWS * x.shape[-1]
+            self.training
             or "_cached_weight" in self.__dict__
-            or (kernel := self._kernel(x.device)) is None
+            or (kernel := self._kernel(self.packed.device)) is None
         ):
             return None
-        return kernel(x, self._compute_dtype(x), lora)  # without the bias, as F.linear's weight
+        add = self.bias if bias else None
+
+        def call(x: Tensor) -> Tensor:
+            y = kernel(x, self._compute_dtype(x), lora)
+            return y if add is None else y + add.to(y.dtype)
+
+        return call
 
     def _kernel(self, device: torch.device) -> nf4_kernel.KernelWeight | None:
         """The compiled kernel's prepared call for this weight, or None where it cannot run;

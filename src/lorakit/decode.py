@@ -1,0 +1,165 @@
+"""A lean forward pass for generating with LLaMA-style decoders, beside transformers' own.
+
+At batch 1 a decoding step multiplies a few rows by every weight, and transformers' forward
+pass spends longer than the matmuls around them: about 3,500 small tensor operations a token
+for SmolLM2 (mask building, a cache that concatenates, rotary halves cut and glued, casts).
+`LeanDecoder` runs the same layers with a preallocated KV cache, one mask and one rotary table
+per step, and the rotation as a roll: the same modules (so LoRA, adapters per row, the 4-bit
+kernel and the weight cache all apply), the same arithmetic, a fraction of the operations.
+
+It takes the architectures whose layers it knows (`ARCHITECTURES`: LLaMA, Mistral, Qwen2,
+Qwen3) and only models that have every module it calls; `lean_decoder` says None for anything
+else, and generation keeps transformers' forward pass. `LORAKIT_LEAN_DECODE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit.qlinear import KERNEL_ROWS
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def lean_decoder(model: nn.Module, batch: int, length: int) -> LeanDecoder | None:
+    """A decoder for `batch` rows of up to `length` tokens, or None where the model is not one
+    it knows (transformers' forward pass then does the work)."""
+    config = model.config
+    base = getattr(model, "model", None)
+    if os.environ.get("LORAKIT_LEAN_DECODE", "1") == "0":
+        return None
+    if config.model_type not in ARCHITECTURES or base is None:
+        return None
+    if not all(hasattr(base, n) for n in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    window = getattr(config, "sliding_window", None)
+    types = set(getattr(config, "layer_types", None) or ())
+    if types - {"full_attention", "sliding_attention"}:
+        return None
+    if window is not None and types != {"full_attention"} and length > window:
+        return None  # a sliding window would cut into this generation: not handled here
+    if config._attn_implementation not in ("sdpa", "eager", "lorakit_packed"):
+        return None
+    layers = list(base.layers[: config.num_hidden_layers])
+    for layer in layers:
+        if not all(hasattr(layer.self_attn, n) for n in _ATTENTION):
+            return None
+        if not all(hasattr(layer.mlp, n) for n in _MLP):
+            return None
+    return LeanDecoder(model, batch, length)
+
+
+def _projections(layer: nn.Module) -> list[nn.Module]:
+    attention, mlp = layer.self_attn, layer.mlp
+    return [getattr(attention, n) for n in _ATTENTION] + [getattr(mlp, n) for n in _MLP[:3]]
+
+
+def _decoding_call(module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A projection's decoding step without its per-call checks where the 4-bit kernel does
+    all of it (NF4Linear/LoRALinear.decode_call), else the module itself. Resolved once per
+    generation: the adapters and weight caches stay as they are while it runs."""
+    make = getattr(module, "decode_call", None)
+    return (make() if make is not None else None) or module
+
+
+def _rms_norm(norm: nn.Module, h: Tensor) -> Tensor:
+    """LlamaRMSNorm's arithmetic (in float32, back to h's dtype, times the weight) in 3
+    operations instead of 8."""
+    x = F.rms_norm(h.float(), h.shape[-1:], eps=norm.variance_epsilon)
+    return norm.weight * x.to(h.dtype)
+
+
+class LeanDecoder:
+    """Feeds tokens through the model with its own KV cache: call it with the new ids (B, t),
+    the attention mask over the cache and them (B, T), and their positions (B, t); it returns
+    the last position's logits (B, V). Rows are left-padded, as `generate_ids` makes them."""
+
+    def __init__(self, model: nn.Module, batch: int, length: int) -> None:
+        self.model, self.base = model, model.model
+        config = model.config
+        self.layers = list(self.base.layers[: config.num_hidden_layers])
+        attention = self.layers[0].self_attn
+        self.head_dim = getattr(attention, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.kv_heads = config.num_key_value_heads
+        self.groups = config.num_attention_heads // self.kv_heads
+        self.batch, self.length = batch, length
+        self.keys: list[Tensor] = []  # per layer (B, kv heads, length, head dim), on first use
+        self.values: list[Tensor] = []
+        self.size = 0  # positions of the cache filled so far
+        self.calls: list[list[Callable[[Tensor], Tensor]]] | None = None
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
+        b, t = ids.shape
+        start, end = self.size, self.size + t
+        if end > self.length or b != self.batch:
+            raise ValueError(f"{b} rows, {end} tokens: the cache is {self.batch}x{self.length}")
+        h = self.base.embed_tokens(ids)
+        cos, sin = self.base.rotary_emb(h, position_ids=positions)  # (B, t, D) in h's dtype
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * [-sin[:half], sin[half:]]
+        cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, None]
+        attend = self._mask(mask[:, :end].bool(), t, start)
+        if t == 1 and b <= KERNEL_ROWS and self.calls is None:
+            # Decoding steps from here on: each projection's kernel call, resolved once.
+            self.calls = [[_decoding_call(m) for m in _projections(layer)] for layer in self.layers]
+        for i, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            q_proj, k_proj, v_proj, o_proj, gate, up, down = (
+                self.calls[i] if t == 1 and self.calls else _projections(layer)
+            )
+            x = _rms_norm(layer.input_layernorm, h)
+            q = q_proj(x).view(b, t, -1, self.head_dim)
+            k = k_proj(x).view(b, t, -1, self.head_dim)
+            v = v_proj(x).view(b, t, -1, self.head_dim)
+            if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head
+                q, k = attention.q_norm(q), attention.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q = q * cos + q.roll(half, -1) * sin
+            k = k * cos + k.roll(half, -1) * sin
+            if len(self.keys) <= i:
+                shape = (b, self.kv_heads, self.length, self.head_dim)
+                self.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
+                self.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
+            self.keys[i][:, :, start:end] = k
+            self.values[i][:, :, start:end] = v
+            o = self._attend(q, self.keys[i][:, :, :end], self.values[i][:, :, :end], attend)
+            h = h + o_proj(o.reshape(b, t, -1))
+            x = _rms_norm(layer.post_attention_layernorm, h)
+            h = h + down(layer.mlp.act_fn(gate(x)) * up(x))
+        self.size = end
+        h = _rms_norm(self.base.norm, h[:, -1:])
+        return self.model.get_output_embeddings()(h)[:, -1]
+
+    def _mask(self, keys: Tensor, t: int, start: int) -> Tensor | None:
+        """(B, 1, t, T) which keys each new position sees: its row's real tokens up to itself.
+        A padding position sees itself too, so that no row of the softmax is empty (its output
+        is never used, but a NaN in its keys and values would reach every later position)."""
+        if t == 1:
+            return None if bool(keys.all()) else keys[:, None, None, :]
+        end = start + t
+        query = torch.arange(start, end, device=keys.device)[:, None]
+        key = torch.arange(end, device=keys.device)[None, :]
+        return (keys[:, None, None, :] & (key <= query)) | (key == query)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q (B, H, t, D) over k, v (B, Hkv, T, D) -> (B, t, H, D)."""
+        b, heads, t, d = q.shape
+        scale = getattr(self.layers[0].self_attn, "scaling", None)
+        if t == 1:  # one query per head: a group of heads sharing keys is a set of queries
+            grouped = q.reshape(b, self.kv_heads, self.groups, d)
+            o = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+            return o.reshape(b, 1, heads, d)
+        k = k.repeat_interleave(self.groups, dim=1)
+        v = v.repeat_interleave(self.groups, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return o.transpose(1, 2)

@@ -1,0 +1,136 @@
+"""The lean decoding pass: the same logits as transformers' forward pass, step by step."""
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lorakit.decode import LeanDecoder, lean_decoder
+from lorakit.generate import Sampling, TransformersForward, generate_ids
+from lorakit.lora import attach_lora
+
+PROMPTS = [[5, 17, 42, 9], [7, 8], [100, 3, 3, 3, 250, 11]]
+KINDS = {
+    "llama": {},
+    "qwen2": {},  # biases on q, k, v
+    "mistral": {},  # a sliding window longer than the context
+    "qwen3": {},  # q_norm/k_norm; head_dim != hidden / heads
+    "llama-scaled-rope": dict(
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ),
+}
+
+
+def _model(kind: str):
+    return tiny_model(kind.split("-")[0], **KINDS[kind])
+
+
+def _batch(prompts):
+    longest = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        mask[i, longest - len(p) :] = 1
+    return ids, mask
+
+
+def _steps(forward, ids, mask, n):
+    """Greedy steps fed by the reference's choices: the logits of each step."""
+    out, step = [], ids
+    for _ in range(n):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1] :]
+        logits = forward(step, mask, positions)
+        out.append(logits)
+        step = logits.argmax(-1)[:, None]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("prompts", [PROMPTS, PROMPTS[:1]], ids=["padded", "one"])
+def test_lean_logits_equal_transformers_forward(kind, prompts):
+    model = _model(kind)
+    ids, mask = _batch(prompts)
+    lean = lean_decoder(model, len(prompts), ids.shape[1] + 6)
+    assert isinstance(lean, LeanDecoder)
+    with torch.no_grad():
+        ref = _steps(TransformersForward(model), ids, mask, 6)
+        got = _steps(lean, ids, mask, 6)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+
+
+def test_lean_decoding_in_bf16_with_adapters_gives_transformers_tokens():
+    model = tiny_model("llama").to(torch.bfloat16)
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    attach_lora(model, names, "a", rank=4, alpha=8)
+    for n in names:
+        torch.nn.init.normal_(model.get_submodule(n).lora_B["a"].weight, std=0.5)
+    model.eval()
+    ids, mask = _batch(PROMPTS)
+    with torch.no_grad():
+        ref = _steps(TransformersForward(model), ids, mask, 8)
+        got = _steps(lean_decoder(model, 3, ids.shape[1] + 8), ids, mask, 8)
+    for r, g in zip(ref, got, strict=True):
+        assert (g.float() - r.float()).abs().max() <= 0.02 * r.float().abs().max()
+
+
+def test_generation_uses_it_and_the_switch_turns_it_off(monkeypatch):
+    model = tiny_model("qwen2")
+    calls = []
+    real = LeanDecoder.__call__
+    monkeypatch.setattr(LeanDecoder, "__call__", lambda *a: calls.append(1) or real(*a))
+    lean = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10))
+    assert len(calls) == 10
+    monkeypatch.setenv("LORAKIT_LEAN_DECODE", "0")
+    assert generate_ids(model, PROMPTS, Sampling(max_new_tokens=10)) == lean
+    assert len(calls) == 10
+
+
+def test_models_it_does_not_know_keep_transformers_forward():
+    assert lean_decoder(tiny_model("gpt2"), 1, 16) is None
+    short_window = tiny_model("mistral", sliding_window=8)
+    assert lean_decoder(short_window, 1, 16) is None  # the window would cut into the context
+    assert lean_decoder(short_window, 1, 8) is not None
+
+
+def test_a_cache_too_small_is_refused():
+    lean = lean_decoder(tiny_model("llama"), 1, 4)
+    ids, mask = _batch([[1, 2, 3]])
+    with torch.no_grad():
+        _steps(lean, ids, mask, 2)
+        with pytest.raises(ValueError, match="cache"):
+            lean(ids[:, :1], torch.ones(1, 5, dtype=torch.long), torch.tensor([[4]]))
+
+
+@pytest.mark.skipif(
+    __import__("lorakit.nf4_kernel").nf4_kernel.library() is None,
+    reason="no C compiler or no AVX2 on this machine",
+)
+def test_on_a_4bit_model_with_an_adapter_the_kernel_calls_give_the_same_logits(tmp_path):
+    from lorakit.loading import load_model
+    from lorakit.lora import lora_layers
+
+    tiny_model("qwen2", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    model, _, _ = load_model(tmp_path, quant="nf4", dtype=torch.float32, with_tokenizer=False)
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    attach_lora(model, names, "a", rank=4, alpha=8)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.5)
+    model.eval()
+    ids, mask = _batch(PROMPTS)
+    lean = lean_decoder(model, 3, ids.shape[1] + 6)
+    with torch.no_grad():
+        ref = _steps(TransformersForward(model), ids, mask, 6)
+        got = _steps(lean, ids, mask, 6)
+    calls = [c for layer in lean.calls for c in layer]
+    assert not any(isinstance(c, torch.nn.Module) for c in calls)  # all straight to the kernel
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
