@@ -5,8 +5,10 @@ greedy, 128 new tokens, at batch 1 and 8, without and with a rank-16 adapter on 
 projections; then lorakit's cost of a batch whose 8 rows use 4 different adapters against a
 batch on one adapter. lorakit runs both ways it can decode: from a bf16 copy of the weights
 made once per generation (adapter folded in), and from the 4-bit codes with the compiled
-kernel (nf4_kernel.py; adapter beside the base), where that kernel builds. Runs alternate
-lorakit / baseline; the best of `--repeats` counts.
+kernel (nf4_kernel.py; adapter in the same call), where that kernel builds; the kernel once
+more through transformers' forward pass instead of lorakit's lean one (decode.py), to show
+what that buys. Runs alternate lorakit / baseline; the best of `--repeats` counts. Last, the
+output head alone: torch's bf16 matmul against lorakit's compiled one, per decoding step.
 
     python bench/generation.py
 """
@@ -14,6 +16,7 @@ lorakit / baseline; the best of `--repeats` counts.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -90,12 +93,14 @@ def main() -> None:
 
     kernel = library() is not None
 
-    def run_ours(batch: int, adapters, cache: bool = True) -> float:
+    def run_ours(batch: int, adapters, cache: bool = True, lean: bool = True) -> float:
+        os.environ["LORAKIT_LEAN_DECODE"] = "1" if lean else "0"
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = generate_ids(
                 ours, prompt_ids[:batch], sampling, adapters=adapters, cache_weights=cache
             )
+        os.environ.pop("LORAKIT_LEAN_DECODE")
         return sum(len(o) for o in out) / (time.perf_counter() - t)
 
     def run_baseline(batch: int, adapter: bool) -> float:
@@ -118,14 +123,15 @@ def main() -> None:
     rows = []
     for batch in (1, 8):
         for adapter in (False, True):
-            best_ours = best_kernel = best_base = 0.0
+            best_ours = best_kernel = best_hf = best_base = 0.0
             for _ in range(args.repeats):
                 set_active_adapters(ours, ["a0"] if adapter else [])
                 best_ours = max(best_ours, run_ours(batch, None))
                 if kernel:
                     best_kernel = max(best_kernel, run_ours(batch, None, cache=False))
+                    best_hf = max(best_hf, run_ours(batch, None, cache=False, lean=False))
                 best_base = max(best_base, run_baseline(batch, adapter))
-            rows.append((batch, adapter, best_ours, best_kernel, best_base))
+            rows.append((batch, adapter, best_ours, best_kernel, best_hf, best_base))
     set_active_adapters(ours, ["a0"])
     single = max(run_ours(8, ["a0"] * 8) for _ in range(args.repeats))
     mixed = max(run_ours(8, ["a0", "a1", "a2", "a3"] * 2) for _ in range(args.repeats))
@@ -135,18 +141,53 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, best of {args.repeats}\n"
     )
     print(
-        "| batch | adapter | lorakit, bf16 copy | lorakit, 4-bit kernel | "
-        "transformers+peft+bnb | bf16 copy / baseline | 4-bit kernel / baseline |"
+        "| batch | adapter | lorakit, bf16 copy | lorakit, 4-bit kernel | 4-bit kernel, "
+        "transformers' forward | transformers+peft+bnb | bf16 copy / baseline | "
+        "4-bit kernel / baseline |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for batch, adapter, a, k, b in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for batch, adapter, a, k, hf, b in rows:
         which = "r=16 q,k,v,o" if adapter else "none"
-        k_rate, k_ratio = (f"{k:.1f}", f"{k / b:.2f}x") if kernel else ("n/a", "n/a")
-        print(f"| {batch} | {which} | {a:.1f} | {k_rate} | {b:.1f} | {a / b:.2f}x | {k_ratio} |")
+        k_rate, hf_rate, k_ratio = (
+            (f"{k:.1f}", f"{hf:.1f}", f"**{k / b:.2f}x**") if kernel else ("n/a", "n/a", "n/a")
+        )
+        print(
+            f"| {batch} | {which} | {a:.1f} | {k_rate} | {hf_rate} | {b:.1f} | {a / b:.2f}x "
+            f"| {k_ratio} |"
+        )
     print(
         f"\nlorakit batch 8: one adapter {single:.1f} tok/s, four adapters mixed {mixed:.1f} tok/s "
         f"(mixed / single = {mixed / single:.2f})"
     )
+    if kernel:
+        head_table(ours)
+
+
+def head_table(model) -> None:
+    """The output head of one decoding step: torch's bf16 matmul vs nf4_kernel.bf16_matmul."""
+    from lorakit.nf4_kernel import bf16_matmul
+
+    weight = model.get_output_embeddings().weight.to(torch.bfloat16)
+    print(f"\n| output head {tuple(weight.shape)}, bf16 | batch | torch ms | lorakit ms | ratio |")
+    print("|---|---|---|---|---|")
+    for batch in (1, 8):
+        x = torch.randn(batch, weight.shape[1], dtype=torch.bfloat16)
+        times = {}
+        for name, call in (
+            ("torch", lambda x=x: x @ weight.T),
+            ("lorakit", lambda x=x: bf16_matmul(x, weight)),
+        ):
+            call()
+            best = float("inf")
+            for _ in range(20):
+                t = time.perf_counter()
+                call()
+                best = min(best, time.perf_counter() - t)
+            times[name] = best * 1e3
+        ratio = times["torch"] / times["lorakit"]
+        print(
+            f"| | {batch} | {times['torch']:.2f} | {times['lorakit']:.2f} | {ratio:.2f}x faster |"
+        )
 
 
 if __name__ == "__main__":

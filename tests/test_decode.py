@@ -67,8 +67,9 @@ def test_lean_logits_equal_transformers_forward(kind, prompts):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_lean_decoding_in_bf16_with_adapters_gives_transformers_tokens():
-    model = tiny_model("llama").to(torch.bfloat16)
+@pytest.mark.parametrize("head_dim", [8, 32])  # 32: the compiled attention takes it
+def test_lean_decoding_in_bf16_with_adapters_gives_transformers_logits(head_dim):
+    model = tiny_model("llama", hidden_size=4 * head_dim).to(torch.bfloat16)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     attach_lora(model, names, "a", rank=4, alpha=8)
     for n in names:

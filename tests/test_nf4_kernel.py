@@ -76,6 +76,45 @@ def test_bf16_head_kernel_equals_a_bf16_linear(rows):
     assert not nf4_kernel.head_supports(weight[:, :100], x)
 
 
+@needs_kernel
+def test_rms_norm_is_llama_rms_norm_to_the_bit():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5).to(torch.bfloat16)
+    torch.nn.init.normal_(norm.weight, generator=g)
+    x = (torch.randn(3, 2, 576, generator=g) * 4).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(nf4_kernel.rms_norm(x, norm.weight, 1e-5), norm(x))
+    assert nf4_kernel.rms_norm(x.float(), norm.weight, 1e-5) is None  # bf16 only
+
+
+@needs_kernel
+@pytest.mark.parametrize("batch", [1, 8])  # 8: enough work for the threads
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_attention_equals_sdpa(batch, head_dim):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(head_dim)
+    heads, kv_heads, length, t = 9, 3, 300, 257
+    q = torch.randn(batch, heads, 1, head_dim, generator=g).bfloat16()
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16() for _ in "kv")
+    mask = torch.ones(batch, t, dtype=torch.bool)
+    mask[0, :40] = False  # a left-padded row
+    got = nf4_kernel.decode_attention(q, k, v, t, mask, 0.1)
+    full = [x[:, :, :t].double().repeat_interleave(3, dim=1) for x in (k, v)]
+    exact = F.scaled_dot_product_attention(
+        q.double(), *full, attn_mask=mask[:, None, None, :], scale=0.1
+    ).transpose(1, 2)
+    assert got.shape == (batch, 1, heads, head_dim) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2)
+    assert torch.equal(
+        nf4_kernel.decode_attention(q, k, v, t, None, 0.1),
+        nf4_kernel.decode_attention(q, k, v, t, torch.ones_like(mask), 0.1),
+    )
+    assert nf4_kernel.decode_attention(q.float(), k, v, t, mask, 0.1) is None
+
+
 def test_shapes_the_kernel_does_not_take():
     cpu = torch.device("cpu")
     rows_split = quantize_nf4(torch.randn(4, 96), 64)  # a block would span two rows

@@ -113,7 +113,7 @@ def next_tokens(
 ) -> torch.Tensor:
     """(B, V) logits -> (B,) token ids."""
     if s.temperature == 0:
-        return logits.argmax(-1)
+        return logits.float().argmax(-1)  # the same token; bf16 argmax is 3-4x slower on CPU
     logits = logits.float() / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]

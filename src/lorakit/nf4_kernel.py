@@ -55,7 +55,7 @@ def _build(cc: str) -> Path | None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # renamed into place when complete
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-o", str(tmp), str(SOURCE)], capture_output=True, timeout=300
+            [cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, timeout=300
         )
         if done.returncode != 0:
             return None
@@ -107,6 +107,14 @@ def library() -> ctypes.CDLL | None:
     # weight, out, in, x, x is bf16, rows, y, y is bf16, threads
     lib.lk_bf16_matmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, i32, i32]
     lib.lk_bf16_matmul.restype = i32
+    # x, rows, n, weight, eps, out
+    lib.lk_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.lk_rms_norm.restype = i32
+    # q, batch, heads, kv heads, head dim, k, v, cache length, positions, mask, mask stride,
+    # scale, out, threads
+    lib.lk_decode_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]
+    lib.lk_decode_attention.argtypes += [ctypes.c_float, ptr, i32]
+    lib.lk_decode_attention.restype = i32
     return lib
 
 
@@ -232,3 +240,63 @@ def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
     if status != 0:
         raise RuntimeError(f"the bf16 kernel refused a {tuple(weight.shape)} weight")
     return y
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """LlamaRMSNorm of bf16 x with a bf16 weight in one call (float32 inside, rounded back to
+    bf16, times the weight), or None where it does not apply (other dtypes, no library)."""
+    lib = library()
+    if (
+        lib is None
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or weight.shape != x.shape[-1:]
+    ):
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    lib.lk_rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
+    return out
+
+
+def decode_attention(
+    q: Tensor, keys: Tensor, values: Tensor, t: int, mask: Tensor | None, scale: float
+) -> Tensor | None:
+    """One new position per row: q (B, H, 1, D) over the first t positions of the bf16 caches
+    keys, values (B, Hkv, L, D), `mask` (B, >= t) bool or None -> (B, 1, H, D) in bf16; None
+    where it does not apply (other dtypes or layouts, a head size not a multiple of 32)."""
+    lib = library()
+    b, heads, one, d = q.shape
+    if (
+        lib is None
+        or one != 1
+        or q.dtype != torch.bfloat16
+        or keys.dtype != torch.bfloat16
+        or values.dtype != torch.bfloat16
+        or q.device.type != "cpu"
+        or d % 32
+        or not (keys.is_contiguous() and values.is_contiguous())
+        or (mask is not None and (mask.dtype != torch.bool or mask.stride(-1) != 1))
+    ):
+        return None
+    q = q.contiguous()
+    out = torch.empty(b, 1, heads, d, dtype=torch.bfloat16)
+    status = lib.lk_decode_attention(
+        q.data_ptr(),
+        b,
+        heads,
+        keys.shape[1],
+        d,
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.shape[2],
+        t,
+        None if mask is None else mask.data_ptr(),
+        0 if mask is None else mask.stride(0),
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out if status == 0 else None

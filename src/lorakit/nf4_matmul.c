@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 typedef struct { /* one NF4 weight, prepared once by nf4_kernel.KernelWeight */
@@ -364,6 +365,111 @@ int lk_bf16_matmul(const uint16_t* w, int64_t n_out, int64_t n_in, const void* x
     free(xf);
     free(xh);
     if (y != out) free(y);
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+/* ---- the rest of a decoding step, for bf16 models: RMSNorm and one query's attention ---- */
+
+/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), rows of n bf16 values (LlamaRMSNorm: float32
+ * inside, rounded back to bf16, times the bf16 weight and rounded again). */
+int lk_rms_norm(const uint16_t* x, int64_t rows, int64_t n, const uint16_t* w, float eps,
+                uint16_t* out) {
+#if LANES
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t* xr = x + r * n;
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            float f = bf16_to_float(xr[i]);
+            sum += f * f;
+        }
+        float scale = 1.0f / sqrtf(sum / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) {
+            float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * scale));
+            out[r * n + i] = float_to_bf16(bf16_to_float(w[i]) * normed);
+        }
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+/* Attention of one new position per row: q (batch, heads, d) over the first t positions of
+ * the cache k, v (batch, kv_heads, length, d), query head h reading key/value head
+ * h / (heads / kv_heads); mask (batch, mask_stride) says which positions a row sees (NULL:
+ * all). Scores, softmax and sums in float32; out (batch, heads, d) in bf16. d % (2 * LANES)
+ * == 0. */
+int lk_decode_attention(const uint16_t* q, int64_t batch, int64_t heads, int64_t kv_heads,
+                        int64_t d, const uint16_t* k, const uint16_t* v, int64_t length,
+                        int64_t t, const uint8_t* mask, int64_t mask_stride, float scale,
+                        uint16_t* out, int threads) {
+#if LANES
+    if (d % CHUNK || heads % kv_heads || t < 1 || t > length) return -1;
+    const int64_t groups = heads / kv_heads;
+    float* scores = malloc(sizeof(float) * batch * heads * t);
+    if (!scores) return -1;
+    /* Threads only where there is work enough to pay for waking them. */
+    const int team = batch * heads * t * d >= (1 << 18) ? threads : 1;
+#pragma omp parallel for num_threads(team) schedule(static)
+    for (int64_t bh = 0; bh < batch * heads; bh++) {
+        const int64_t b = bh / heads, h = bh % heads;
+        const uint16_t* qr = q + bh * d;
+        const int64_t cache = (b * kv_heads + h / groups) * length * d;
+        const uint8_t* seen = mask ? mask + b * mask_stride : NULL;
+        float* s = scores + bh * t;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < t; j++) {
+            if (seen && !seen[j]) {
+                s[j] = -INFINITY;
+                continue;
+            }
+            const uint16_t* kr = k + cache + j * d;
+            vec acc = vzero();
+            for (int64_t c = 0; c < d; c += CHUNK) {
+                vec q0, q1, k0, k1;
+                widen(qr + c, &q0, &q1);
+                widen(kr + c, &k0, &k1);
+                acc = vfma(q0, k0, acc);
+                acc = vfma(q1, k1, acc);
+            }
+            s[j] = vsum(acc) * scale;
+            if (s[j] > top) top = s[j];
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < t; j++) {
+            s[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - top);
+            total += s[j];
+        }
+        vec o[64 / LANES * 2]; /* up to d = 128 in registers; wider heads go in steps below */
+        for (int64_t c0 = 0; c0 < d; c0 += 128) {
+            const int64_t width = d - c0 < 128 ? d - c0 : 128;
+            for (int64_t c = 0; c < width; c += LANES) o[c / LANES] = vzero();
+            for (int64_t j = 0; j < t; j++) {
+                if (s[j] == 0.0f) continue;
+                const uint16_t* vr = v + cache + j * d + c0;
+                vec p = vset1(s[j]);
+                for (int64_t c = 0; c < width; c += CHUNK) {
+                    vec v0, v1;
+                    widen(vr + c, &v0, &v1);
+                    o[c / LANES] = vfma(p, v0, o[c / LANES]);
+                    o[c / LANES + 1] = vfma(p, v1, o[c / LANES + 1]);
+                }
+            }
+            float buf[128];
+            for (int64_t c = 0; c < width; c += LANES) {
+#if LANES == 16
+                _mm512_storeu_ps(buf + c, o[c / LANES]);
+#else
+                _mm256_storeu_ps(buf + c, o[c / LANES]);
+#endif
+            }
+            for (int64_t c = 0; c < width; c++) out[bh * d + c0 + c] = float_to_bf16(buf[c] / total);
+        }
+    }
+    free(scores);
     return 0;
 #else
     return -1;
