@@ -179,24 +179,26 @@ static inline __attribute__((always_inline)) void dot_rows_bf16(
 }
 #endif
 
-/* y += s * (x @ A.T) @ B.T: a rank-r adapter, small enough for plain loops. */
+/* sum of a[i] * b[i], float32 */
+static inline float dot(const float* a, const float* b, int64_t n) {
+    vec acc = vzero();
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) acc = vfma(vload(a + i), vload(b + i), acc);
+    float sum = vsum(acc);
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+/* y += s * (x @ A.T) @ B.T: a rank-r adapter, two small matmuls. */
 static int add_lora(const float* a, const float* b, int64_t rank, float s, const float* x,
                     int64_t batch, int64_t n_in, float* y, int64_t n_out, int threads) {
     float* t = malloc(sizeof(float) * batch * rank);
     if (!t) return -1;
     for (int64_t r = 0; r < batch; r++)
-        for (int64_t k = 0; k < rank; k++) {
-            float sum = 0.0f;
-            for (int64_t i = 0; i < n_in; i++) sum += a[k * n_in + i] * x[r * n_in + i];
-            t[r * rank + k] = s * sum;
-        }
+        for (int64_t k = 0; k < rank; k++) t[r * rank + k] = s * dot(a + k * n_in, x + r * n_in, n_in);
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < n_out; o++)
-        for (int64_t r = 0; r < batch; r++) {
-            float sum = 0.0f;
-            for (int64_t k = 0; k < rank; k++) sum += t[r * rank + k] * b[o * rank + k];
-            y[r * n_out + o] += sum;
-        }
+        for (int64_t r = 0; r < batch; r++) y[r * n_out + o] += dot(t + r * rank, b + o * rank, rank);
     free(t);
     return 0;
 }
