@@ -115,6 +115,22 @@ def test_decode_attention_equals_sdpa(batch, head_dim):
     assert nf4_kernel.decode_attention(q.float(), k, v, t, mask, 0.1) is None
 
 
+@needs_kernel
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+def test_kernel_dequantizes_to_the_same_bits(double_quant, blocksize):
+    g = torch.Generator().manual_seed(blocksize)
+    state = quantize_nf4(torch.randn(96, 640, generator=g) * 0.05, blocksize, double_quant)
+    kernel = nf4_kernel.KernelWeight(state)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(kernel.dequantize(dtype), dequantize_nf4(state, dtype))
+    assert kernel.dequantize(torch.float16) is None  # PyTorch's path does that one
+    layer = NF4Linear(state)  # training and the weight cache use it
+    assert torch.equal(
+        layer.dequantized_weight(torch.bfloat16), dequantize_nf4(state, torch.bfloat16)
+    )
+
+
 def test_shapes_the_kernel_does_not_take():
     cpu = torch.device("cpu")
     rows_split = quantize_nf4(torch.randn(4, 96), 64)  # a block would span two rows

@@ -107,6 +107,8 @@ def library() -> ctypes.CDLL | None:
     # weight, out, in, x, x is bf16, rows, y, y is bf16, threads
     lib.lk_bf16_matmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, i32, i32]
     lib.lk_bf16_matmul.restype = i32
+    lib.lk_nf4_dequantize.argtypes = [ctypes.POINTER(_Weight), ptr, i32, i32]  # out, bf16
+    lib.lk_nf4_dequantize.restype = i32
     # x, rows, n, weight, eps, out
     lib.lk_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.lk_rms_norm.restype = i32
@@ -187,6 +189,19 @@ class KernelWeight:
         if status != 0:
             raise RuntimeError(f"the NF4 kernel refused a {tuple(self.shape)} weight")
         return y if y.dtype == dtype else y.to(dtype)
+
+    def dequantize(self, dtype: torch.dtype) -> Tensor | None:
+        """The (out, in) weight in `dtype` (float32 or bf16; None for others): the values of
+        nf4.dequantize_nf4, an order of magnitude faster than its PyTorch gathers."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            return None
+        out = torch.empty(self.shape, dtype=dtype)
+        lib = library()
+        assert lib is not None
+        status = lib.lk_nf4_dequantize(
+            self.ref, out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads()
+        )
+        return out if status == 0 else None
 
 
 def _activations(x: Tensor, n_in: int) -> Tensor:

@@ -477,3 +477,63 @@ int lk_decode_attention(const uint16_t* q, int64_t batch, int64_t heads, int64_t
     return -1;
 #endif
 }
+
+#if LANES == 16
+/* 16 finite float32 -> bf16, rounded to nearest even (float_to_bf16 without its NaN case) */
+static inline __m256i round_bf16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+#endif
+
+/* The whole weight, dequantized: code * scale in float32, stored as float32 or rounded to bf16
+ * (out_bf16); the same values as lorakit.nf4.dequantize_nf4 and bitsandbytes. */
+int lk_nf4_dequantize(const nf4_weight* w, void* out, int out_bf16, int threads) {
+#if LANES
+    const int64_t n_in = w->n_in, bs = w->bs;
+    if (n_in % bs || bs % 2) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < w->n_out; o++) {
+        const uint8_t* row = w->packed + o * n_in / 2;
+        const float* scales = w->scales + o * (n_in / bs);
+        int64_t i = 0;
+#if LANES == 16
+        /* 16 bytes at a time: decode, scale, back into element order, stored */
+        const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+        for (; i + CHUNK <= n_in; i += CHUNK) {
+            vec hi, lo, s = vset1(scales[i / bs]);
+            decode(row + i / 2, w->code, &hi, &lo);
+            hi = _mm512_mul_ps(hi, s);
+            lo = _mm512_mul_ps(lo, s);
+            __m512 e0 = _mm512_permutex2var_ps(hi, first, lo);  /* elements i .. i+15 */
+            __m512 e1 = _mm512_permutex2var_ps(hi, second, lo); /* i+16 .. i+31 */
+            if (out_bf16) {
+                uint16_t* dst = (uint16_t*)out + o * n_in + i;
+                _mm256_storeu_si256((__m256i*)dst, round_bf16(e0));
+                _mm256_storeu_si256((__m256i*)(dst + LANES), round_bf16(e1));
+            } else {
+                _mm512_storeu_ps((float*)out + o * n_in + i, e0);
+                _mm512_storeu_ps((float*)out + o * n_in + i + LANES, e1);
+            }
+        }
+#endif
+        for (; i < n_in; i += 2) {
+            const float s = scales[i / bs];
+            const float hi = w->code[row[i / 2] >> 4] * s, lo = w->code[row[i / 2] & 15] * s;
+            if (out_bf16) {
+                ((uint16_t*)out)[o * n_in + i] = float_to_bf16(hi);
+                ((uint16_t*)out)[o * n_in + i + 1] = float_to_bf16(lo);
+            } else {
+                ((float*)out)[o * n_in + i] = hi;
+                ((float*)out)[o * n_in + i + 1] = lo;
+            }
+        }
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
