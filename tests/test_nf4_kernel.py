@@ -125,7 +125,7 @@ def test_kernel_dequantizes_to_the_same_bits(double_quant, blocksize):
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(kernel.dequantize(dtype), dequantize_nf4(state, dtype))
     assert kernel.dequantize(torch.float16) is None  # PyTorch's path does that one
-    layer = NF4Linear(state)  # training and the weight cache use it
+    layer = NF4Linear(state)  # the weight cache and prompts use it
     assert torch.equal(
         layer.dequantized_weight(torch.bfloat16), dequantize_nf4(state, torch.bfloat16)
     )

@@ -156,7 +156,11 @@ class NF4Linear(nn.Module):
         if cached is not None and not (torch.is_grad_enabled() and x.requires_grad):
             y = F.linear(x.to(dtype), cached)  # decoding: the weight dequantized once
         elif (y := self.decode(x)) is None:
-            y = _NF4Matmul.apply(x, self.state, dtype, cached, self._kernel(x.device))
+            # Compiled dequantization for no-grad passes (prompts) only: in training at 1.1B
+            # without the weight cache it raised the step's peak RSS by ~0.7 GB for a speed
+            # within noise (bench/train_throughput.py --random-1b, BENCHMARKS.md).
+            kernel = None if torch.is_grad_enabled() else self._kernel(x.device)
+            y = _NF4Matmul.apply(x, self.state, dtype, cached, kernel)
         # Added outside the autograd function so that a bias made trainable gets its gradient.
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
