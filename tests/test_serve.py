@@ -245,6 +245,39 @@ def test_a_batch_on_one_adapter_decodes_with_it_folded_into_the_cached_weights(a
     assert "_cached_weight" not in layer.base_layer.__dict__ and layer.merged_adapters == []
 
 
+@pytest.mark.skipif(
+    __import__("lorakit.nf4_kernel").nf4_kernel.library() is None,
+    reason="no C compiler or no AVX2 on this machine",
+)
+def test_the_engine_thread_decodes_a_bf16_head_through_the_kernel(monkeypatch):
+    import lorakit.engine as E
+    from lorakit import nf4_kernel
+
+    calls = []
+    real = nf4_kernel.bf16_matmul
+    monkeypatch.setattr(nf4_kernel, "bf16_matmul", lambda x, w: calls.append(1) or real(x, w))
+
+    def serve(head) -> list[list[int]]:
+        monkeypatch.setattr(E, "kernel_head", head)
+        model = tiny_model("llama", hidden_size=64, intermediate_size=128).to(torch.bfloat16)
+        engine = Engine(model, [], 0)
+        engine.start()
+        try:
+            reqs = [request(PROMPTS[i], 8) for i in (0, 1)]
+            for r, _ in reqs:
+                engine.submit(r)
+            assert all(sink.done.wait(30) for _, sink in reqs)
+            return [sink.tokens for _, sink in reqs]
+        finally:
+            engine.stop()
+
+    with_kernel = serve(E.kernel_head)
+    used = len(calls)
+    assert used
+    assert serve(lambda model: __import__("contextlib").nullcontext()) == with_kernel
+    assert len(calls) == used  # the second engine ran torch's head
+
+
 def test_a_failing_forward_fails_its_rows_and_the_engine_goes_on():
     engine = Engine(tiny_model("llama"))
     real, calls = engine.model.forward, []

@@ -32,7 +32,7 @@ from torch import nn
 
 from lorakit.adapters import load_adapter
 from lorakit.errors import LorakitError
-from lorakit.generate import Sampling, cache_kwarg, context_length, next_tokens
+from lorakit.generate import Sampling, cache_kwarg, context_length, kernel_head, next_tokens
 from lorakit.lora import folded_adapters, lora_layers, row_adapters, set_active_adapters
 from lorakit.loss import autocast
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
@@ -220,7 +220,8 @@ class Engine:
 
     def _run(self) -> None:
         weights = dequantized_weights(self.model, self.dtype) if self.cache_weights else None
-        with weights or nullcontext(), self._fold:
+        # steps of up to generate.HEAD_ROWS rows run the output head through the compiled kernel
+        with weights or nullcontext(), self._fold, kernel_head(self.model):
             while True:
                 with self._cond:
                     while not (self._stopping or self._waiting or self._commands or self.rows):
