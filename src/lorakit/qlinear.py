@@ -28,10 +28,10 @@ from . import nf4_kernel
 from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 
 # Most rows (tokens) a no-grad call sends to the compiled 4-bit kernel (nf4_kernel.py) rather
-# than dequantizing the weight: decoding steps and short prompts. Beyond ~100 rows dequantizing
-# once and one bf16 matmul are faster (SmolLM2's 210 layers at 64 rows: 98 vs 132 ms; at 128:
-# 190 vs 165 ms; a throwaway measurement, not kept in bench/).
-KERNEL_ROWS = 64
+# than dequantizing the weight (compiled too) and one bf16 matmul: decoding steps and short
+# prompts. SmolLM2's 210 layers, kernel vs dequantize + matmul: 16 rows 22.5 vs 38.7 ms, 32 rows
+# 47.1 vs 46.4, 64 rows 97.6 vs 65.2 (a throwaway measurement, not kept in bench/).
+KERNEL_ROWS = 32
 
 
 class _NF4Matmul(torch.autograd.Function):
