@@ -92,6 +92,7 @@ class LeanDecoder:
         self.head_dim = getattr(attention, "head_dim", None) or (
             config.hidden_size // config.num_attention_heads
         )
+        self.scale = getattr(attention, "scaling", None) or self.head_dim**-0.5
         self.kv_heads = config.num_key_value_heads
         self.groups = config.num_attention_heads // self.kv_heads
         self.batch, self.length = batch, length
@@ -157,7 +158,7 @@ class LeanDecoder:
     def _attend(self, q: Tensor, i: int, end: int, mask: Tensor | None) -> Tensor:
         """q (B, H, t, D) over layer i's cached keys and values up to `end` -> (B, t, H, D)."""
         b, heads, t, d = q.shape
-        scale = getattr(self.layers[0].self_attn, "scaling", None) or d**-0.5
+        scale = self.scale
         k, v = self.keys[i][:, :, :end], self.values[i][:, :, :end]
         if t == 1:
             rows = None if mask is None else mask[:, 0, 0]
