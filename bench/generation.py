@@ -11,6 +11,7 @@ what that buys. Runs alternate lorakit / baseline; the best of `--repeats` count
 output head alone: torch's bf16 matmul against lorakit's compiled one, per decoding step.
 
     python bench/generation.py
+    python bench/generation.py --device cuda   # on a GPU: no kernel columns, no head table
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
+    device = torch.device(args.device)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -67,7 +70,7 @@ def main() -> None:
     from lorakit.lora import set_active_adapters
     from lorakit.nf4_kernel import library
 
-    ours, tok, _ = load_model(args.model)
+    ours, tok, _ = load_model(args.model, device=device)
     tmp = tempfile.mkdtemp()
     # The baseline loads a HF directory: write the same model there in fp32 once.
     full, _, _ = load_model(args.model, quant="none", dtype=torch.float32)
@@ -83,7 +86,7 @@ def main() -> None:
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     base = AutoModelForCausalLM.from_pretrained(
-        f"{tmp}/base", quantization_config=bnb_config, dtype=torch.bfloat16
+        f"{tmp}/base", quantization_config=bnb_config, dtype=torch.bfloat16, device_map={"": device}
     ).eval()
     baseline = PeftModel.from_pretrained(base, f"{tmp}/a0", adapter_name="a0").eval()
     for i in range(4):
@@ -91,12 +94,12 @@ def main() -> None:
     prompt_ids = [encode_prompt([{"role": "user", "content": q}], tok) for q in PROMPTS]
     sampling = Sampling(max_new_tokens=args.new_tokens)
 
-    kernel = library() is not None
+    kernel = library() is not None and device.type == "cpu"
 
     def run_ours(batch: int, adapters, cache: bool = True, lean: bool = True) -> float:
         os.environ["LORAKIT_LEAN_DECODE"] = "1" if lean else "0"
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             out = generate_ids(
                 ours, prompt_ids[:batch], sampling, adapters=adapters, cache_weights=cache
             )
@@ -106,7 +109,7 @@ def main() -> None:
     def run_baseline(batch: int, adapter: bool) -> float:
         tok.padding_side = "left"
         texts = [tok.decode(p) for p in prompt_ids[:batch]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         ctx = torch.no_grad() if adapter else baseline.disable_adapter()
         t = time.perf_counter()
         with ctx, torch.no_grad():
@@ -117,7 +120,8 @@ def main() -> None:
                 eos_token_id=None,
                 pad_token_id=tok.pad_token_id or 0,
             )
-        new = out[:, enc["input_ids"].shape[1] :].numel()
+        new = out[:, enc["input_ids"].shape[1] :].tolist()  # waits for the device
+        new = sum(map(len, new))
         return new / (time.perf_counter() - t)
 
     rows = []
@@ -129,28 +133,33 @@ def main() -> None:
                 best_ours = max(best_ours, run_ours(batch, None))
                 if kernel:
                     best_kernel = max(best_kernel, run_ours(batch, None, cache=False))
-                    best_hf = max(best_hf, run_ours(batch, None, cache=False, lean=False))
+                best_hf = max(best_hf, run_ours(batch, None, cache=not kernel, lean=False))
                 best_base = max(best_base, run_baseline(batch, adapter))
             rows.append((batch, adapter, best_ours, best_kernel, best_hf, best_base))
     set_active_adapters(ours, ["a0"])
     single = max(run_ours(8, ["a0"] * 8) for _ in range(args.repeats))
     mixed = max(run_ours(8, ["a0", "a1", "a2", "a3"] * 2) for _ in range(args.repeats))
 
-    print(
-        f"\n{args.model}, NF4 + double quant, bf16 compute, greedy, {args.new_tokens} new tokens, "
-        f"{torch.get_num_threads()} threads, best of {args.repeats}\n"
+    where = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"{torch.get_num_threads()} threads"
     )
     print(
-        "| batch | adapter | lorakit, bf16 copy | lorakit, 4-bit kernel | 4-bit kernel, "
-        "transformers' forward | transformers+peft+bnb | bf16 copy / baseline | "
+        f"\n{args.model}, NF4 + double quant, bf16 compute, greedy, {args.new_tokens} new tokens, "
+        f"{where}, best of {args.repeats}\n"
+    )
+    third = "4-bit kernel" if kernel else "bf16 copy"
+    print(
+        "| batch | adapter | lorakit, bf16 copy | lorakit, 4-bit kernel | "
+        f"{third}, transformers' forward | transformers+peft+bnb | bf16 copy / baseline | "
         "4-bit kernel / baseline |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for batch, adapter, a, k, hf, b in rows:
         which = "r=16 q,k,v,o" if adapter else "none"
-        k_rate, hf_rate, k_ratio = (
-            (f"{k:.1f}", f"{hf:.1f}", f"**{k / b:.2f}x**") if kernel else ("n/a", "n/a", "n/a")
-        )
+        k_rate, k_ratio = (f"{k:.1f}", f"**{k / b:.2f}x**") if kernel else ("n/a", "n/a")
+        hf_rate = f"{hf:.1f}"
         print(
             f"| {batch} | {which} | {a:.1f} | {k_rate} | {hf_rate} | {b:.1f} | {a / b:.2f}x "
             f"| {k_ratio} |"

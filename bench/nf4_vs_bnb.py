@@ -6,6 +6,7 @@ and reports total time, round-trip error and bits per parameter; plus the round-
 N(0, 1) data. Timings alternate A B A B over `--repeats` rounds; the best round counts.
 
     python bench/nf4_vs_bnb.py
+    python bench/nf4_vs_bnb.py --device cuda   # both libraries on the GPU
 """
 
 from __future__ import annotations
@@ -28,16 +29,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
+    device = torch.device(args.device)
     model, _, _ = load_model(args.model, quant="none", dtype=torch.float32, with_tokenizer=False)
-    weights = [m.weight.detach().contiguous() for m in linear_modules(model).values()]
+    weights = [m.weight.detach().to(device).contiguous() for m in linear_modules(model).values()]
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     numel = sum(w.numel() for w in weights)
 
     def ours():
         states = [quantize_nf4(w) for w in weights]
-        t = time.perf_counter()
+        t = now()
         out = [dequantize_nf4(s, torch.bfloat16) for s in states]
-        return states, out, time.perf_counter() - t
+        return states, out, now() - t
 
     def compiled() -> float:
         """lorakit's compiled dequantization (what NF4Linear uses on CPU), calls prepared."""
@@ -53,18 +62,19 @@ def main() -> None:
             bnb.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             for w in weights
         ]
-        t = time.perf_counter()
+        t = now()
         out = [bnb.dequantize_4bit(q, s).to(torch.bfloat16) for q, s in states]
-        return states, out, time.perf_counter() - t
+        return states, out, now() - t
 
     best = {"lorakit": [1e9, 1e9], "bitsandbytes": [1e9, 1e9]}
     for _ in range(args.repeats):
         for name, fn in (("lorakit", ours), ("bitsandbytes", theirs)):
-            t = time.perf_counter()
+            t = now()
             _, _, deq = fn()
-            total = time.perf_counter() - t
+            total = now() - t
             best[name] = [min(best[name][0], total - deq), min(best[name][1], deq)]
-    fast = min(compiled() for _ in range(args.repeats)) if library() is not None else None
+    kernel = library() is not None and device.type == "cpu"
+    fast = min(compiled() for _ in range(args.repeats)) if kernel else None
     states, out_ours, _ = ours()
     _, out_bnb, _ = theirs()
     err_ours = (
@@ -79,13 +89,14 @@ def main() -> None:
     bits = sum(s.nbytes for s in states) * 8 / numel
 
     torch.manual_seed(0)
-    x = torch.randn(4096, 4096)
+    x = torch.randn(4096, 4096).to(device)
     gauss_ours = (dequantize_nf4(quantize_nf4(x)) - x).abs().mean().item()
     q, s = bnb.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
     gauss_bnb = (bnb.dequantize_4bit(q, s) - x).abs().mean().item()
 
     print(
         f"\n{args.model}: {len(weights)} linear layers, {numel / 1e6:.1f}M weights; "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, "
         f"{torch.get_num_threads()} threads; best of {args.repeats}\n"
     )
     print("| | lorakit | bitsandbytes | lorakit / bnb |")

@@ -13,6 +13,8 @@ alternating lorakit / baseline for `--rounds`; `--warmup` steps are not timed.
     python bench/train_throughput.py --random-1b --steps 1 --warmup 0 --per-step 4 \
         --lorakit-cache off
         # memory at scale: load + one step of a random 1.1B LLaMA on both sides
+    python bench/train_throughput.py --device cuda --micro 16 --steps 30 --warmup 3
+        # on a GPU (the baseline's micro-batches as large as lorakit's there)
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import json, resource, sys, time
 import torch
 args = json.loads(sys.argv[1])
 from lorakit import data as D
+device = torch.device(args["device"])
+cuda = device.type == "cuda"
 
 def examples(tok):
     train, ev = D.split_examples(D.load_examples(D.default_dataset_path()))
@@ -35,9 +39,14 @@ def examples(tok):
     return encode(train), encode(ev[:32])
 
 def report(tokens, seconds, losses, eval_loss):
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     print(json.dumps({"tokens_per_s": tokens / seconds, "peak_rss_mb":
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses,
-        "eval_loss": eval_loss}))
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": peak_gpu,
+        "losses": losses, "eval_loss": eval_loss}))
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
 
 steps, warmup, seq_len, per_step, micro = (args[k] for k in
     ("steps", "warmup", "seq_len", "per_step", "micro"))
@@ -46,12 +55,12 @@ if args["side"] == "lorakit":
     from lorakit.loss import evaluate
     from lorakit.attention import enable_packed_attention
     from lorakit.train import TrainConfig, attach_adapter, micro_batch_size, train_step
-    model, tok, _ = load_model(args["lorakit_model"])
+    model, tok, _ = load_model(args["lorakit_model"], device=device)
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step)
     attach_adapter(model, cfg)
     if args["packed_attention"]:
         enable_packed_attention(model)
-    micro = args["lorakit_micro"] or micro_batch_size(cfg, torch.device("cpu"))
+    micro = args["lorakit_micro"] or micro_batch_size(cfg, device)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)
     def batch(rs):
@@ -64,7 +73,7 @@ if args["side"] == "lorakit":
     model.train()
     from lorakit.qlinear import dequantized_weights
     from lorakit.train import use_weight_cache
-    if use_weight_cache(args["lorakit_cache"], model, torch.bfloat16, torch.device("cpu")):
+    if use_weight_cache(args["lorakit_cache"], model, torch.bfloat16, device):
         # Held in a name for the whole run, as train()'s with-block does: a dropped context
         # manager is closed by the garbage collector at once, which frees the cache again.
         weight_cache = dequantized_weights(model, torch.bfloat16)
@@ -72,17 +81,18 @@ if args["side"] == "lorakit":
     losses, tokens, t0 = [], 0, None
     for step in range(warmup + steps):
         if step == warmup:
+            sync()
             t0, tokens = time.perf_counter(), 0
         start = step * per_step
         micros = [batch(rows[start + i : start + i + micro]) for i in range(0, per_step, micro)]
-        out = train_step(model, opt, trainable, micros, torch.device("cpu"), torch.bfloat16, cfg)
+        out = train_step(model, opt, trainable, micros, device, torch.bfloat16, cfg)
         losses.append(out["loss"])
         tokens += out["tokens"]
+    sync()
     seconds = time.perf_counter() - t0
     eval_rows = D.pack_sequences(eval_ex, seq_len)
     evals = [batch(eval_rows[i : i + micro]) for i in range(0, len(eval_rows), micro)]
-    cpu = torch.device("cpu")
-    ev = evaluate(model, evals, cpu, torch.bfloat16, 1024) if args["eval"] else None
+    ev = evaluate(model, evals, device, torch.bfloat16, 1024) if args["eval"] else None
     report(tokens, seconds, losses, ev)
 else:
     from peft import LoraConfig, get_peft_model
@@ -91,7 +101,7 @@ else:
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     base = AutoModelForCausalLM.from_pretrained(args["hf_dir"], quantization_config=bnb,
-                                                dtype=torch.bfloat16)
+                                                dtype=torch.bfloat16, device_map={"": device})
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
     train_ex, eval_ex = examples(tok)
@@ -111,12 +121,13 @@ else:
     losses, tokens, t0 = [], 0, None
     for step in range(warmup + steps):
         if step == warmup:
+            sync()
             t0, tokens = time.perf_counter(), 0
         items = train_ex[step * per_step : (step + 1) * per_step]
         step_loss = 0.0
         for i in range(0, per_step, micro):
-            ids, labels, mask = padded(items[i : i + micro])
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids, labels, mask = (t.to(device) for t in padded(items[i : i + micro]))
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             (loss * micro / per_step).backward()
             step_loss += loss.item() * micro / per_step
@@ -125,15 +136,16 @@ else:
         opt.zero_grad(set_to_none=True)
         losses.append(step_loss)
         tokens += sum(len(i) for i, _ in items)
+    sync()
     seconds = time.perf_counter() - t0
     if not args["eval"]:
         report(tokens, seconds, losses, None)
         sys.exit()
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         total = count = 0
         for item in eval_ex:
-            ids, labels, mask = padded([item])
+            ids, labels, mask = (t.to(device) for t in padded([item]))
             n = int((labels[:, 1:] != -100).sum())
             total += model(input_ids=ids, attention_mask=mask, labels=labels).loss.item() * n
             count += n
@@ -162,6 +174,10 @@ def main() -> None:
     p.add_argument(
         "--lorakit-cache", default="auto", choices=["auto", "on", "off"], help="--cache-weights"
     )
+    p.add_argument(
+        "--model", default="smollm2", help="the model both sides train (alias, .gguf or HF dir)"
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sides", default="lorakit,baseline", help="which to run, in order")
     p.add_argument("--rounds", type=int, default=1, help="lorakit/baseline alternations")
     args = p.parse_args()
@@ -171,7 +187,7 @@ def main() -> None:
     from lorakit.loading import load_model
 
     hf_dir = tempfile.mkdtemp()
-    full, tok, _ = load_model("smollm2", quant="none", dtype=torch.float32)
+    full, tok, _ = load_model(args.model, quant="none", dtype=torch.float32)
     if args.random_1b:  # LLaMA architecture at ~1.1B (TinyLlama's shape), random weights
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -209,7 +225,8 @@ def main() -> None:
         "lorakit_cache": args.lorakit_cache,
         "packed_attention": not args.no_packed_attention,
         "hf_dir": hf_dir,
-        "lorakit_model": hf_dir if args.random_1b else "smollm2",
+        "lorakit_model": hf_dir if args.random_1b else args.model,
+        "device": args.device,
         "eval": not args.random_1b,
     }
     results: dict[str, list[dict]] = {"lorakit": [], "baseline": []}
@@ -225,15 +242,20 @@ def main() -> None:
             results[side].append(json.loads(out.strip().splitlines()[-1]))
     best = {s: max(r, key=lambda x: x["tokens_per_s"]) for s, r in results.items() if r}
     for side, r in best.items():
-        print(side, json.dumps({k: v for k, v in r.items() if k != "losses"}))
+        print(side, json.dumps(r))
     if len(best) < 2:
         return
     a, b = best["lorakit"], best["baseline"]
-    name = "random LLaMA 1.17B" if args.random_1b else "SmolLM2-135M"
+    name = "random LLaMA 1.17B" if args.random_1b else args.model
+    where = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     print(
         f"\n{name}, NF4 + double quant, bf16, r=16 q/k/v/o, {args.per_step} sequences "
         f"per step (<= {args.seq_len} tokens), {args.steps} timed steps after {args.warmup}, "
-        f"{torch.get_num_threads()} threads\n"
+        f"{where}\n"
     )
     print("| | lorakit | transformers+peft+bnb | lorakit / baseline |")
     print("|---|---|---|---|")
@@ -245,6 +267,11 @@ def main() -> None:
         f"| peak RSS (MB) | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x |"
     )
+    if args.device == "cuda":
+        print(
+            f"| peak GPU memory allocated (MB) | {a['peak_gpu_mb']:.0f} | {b['peak_gpu_mb']:.0f} "
+            f"| {a['peak_gpu_mb'] / b['peak_gpu_mb']:.2f}x |"
+        )
     if a["eval_loss"] is None:
         return
     print(
