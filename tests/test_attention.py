@@ -146,3 +146,12 @@ def test_eager_models_are_left_alone():
     model.set_attn_implementation("eager")
     assert not enable_packed_attention(model)
     assert model.config._attn_implementation == "eager"
+
+
+def test_example_by_example_only_on_cpu():
+    """On a GPU one masked sdpa call per layer beats a launch per example (~25x on an H200)."""
+    model = _sdpa_model("llama")
+    assert not attention.attends_by_example(model, torch.device("cpu"))  # not switched yet
+    assert enable_packed_attention(model)
+    assert attention.attends_by_example(model, torch.device("cpu"))
+    assert not attention.attends_by_example(model, torch.device("cuda"))

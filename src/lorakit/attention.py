@@ -8,7 +8,11 @@ with the causal flag computes only sum(L_i^2) / 2 pairs instead of T^2: for 512-
 On CPU each example's attention is computed by `SegmentAttention` (explicit scores with bf16
 matmuls, probabilities recomputed in backward so nothing of size L^2 is kept): at 100-300
 tokens it runs 2-3x faster than the CPU flash kernel, whose backward is the slow part. Longer
-examples, GPUs and features it lacks (dropout, logit softcapping, attention sinks) go to sdpa.
+examples and features it lacks (dropout, logit softcapping, attention sinks) go to sdpa.
+
+On a GPU the saved arithmetic is not worth a kernel launch per example: there one masked sdpa
+call per layer does the whole batch (`bench/step_profile.py` on an H200, SmolLM2-135M's shape,
+16 rows of 512 tokens: 4.9-6.0 s a step example by example, 0.21 s masked).
 
 `enable_packed_attention(model)` registers the function with transformers' attention registry
 and switches a model that uses sdpa to it; a forward pass then uses it when given
@@ -25,6 +29,11 @@ from torch import nn
 
 PACKED = "lorakit_packed"
 Segments = list[list[tuple[int, int]]]  # per row: (start, end) of each example, padding last
+
+
+def attends_by_example(model: nn.Module, device: torch.device) -> bool:
+    """Whether a forward pass of `model` on `device` should be given `segments=`."""
+    return device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == PACKED
 
 
 def segments_of(seq_ids: torch.Tensor) -> Segments:
@@ -116,16 +125,22 @@ def packed_attention(module, query, key, value, attention_mask, segments=None, *
     """transformers attention interface: (B, H, T, D) inputs -> ((B, T, H, D), None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if segments is None or query.shape[2] != key.shape[2] or len(segments) != query.shape[0]:
+    if (
+        segments is None
+        or query.device.type != "cpu"
+        or query.shape[2] != key.shape[2]
+        or len(segments) != query.shape[0]
+    ):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
     explicit = _explicit_ok(query, kwargs)
     rows = []
-    for b, runs in enumerate(segments):
-        parts = []
-        for s, e in runs:
-            q, k, v = (t[b : b + 1, :, s:e] for t in (query, key, value))
-            parts.append(_segment(module, q, k, v, explicit, **kwargs))
+    # split/unbind, not slicing: each slice's backward would fill a zero tensor of the whole
+    # input's size, once per example
+    for runs, *row in zip(segments, *(t.unbind(0) for t in (query, key, value)), strict=True):
+        lengths = [e - s for s, e in runs]
+        pieces = zip(*(t[None].split(lengths, dim=2) for t in row), strict=True)
+        parts = [_segment(module, q, k, v, explicit, **kwargs) for q, k, v in pieces]
         rows.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0), None
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.attention import PACKED, segments_of
+from lorakit.attention import attends_by_example, segments_of
 
 # Labelled tokens per chunk: each chunk's fp32 logits (and their bf16 copy) are the loss's whole
 # footprint, ~75 MB for a 49k vocabulary, and the head's matmuls run as fast as with 1024.
@@ -71,7 +71,7 @@ def _plain_chunk_loss(hidden, weight, labels, chunk: int, softcap: float) -> tor
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK):
     """(sum of token losses, number of labelled tokens) without full fp32 logits."""
     extra = {}
-    if "seq_ids" in batch and getattr(model.config, "_attn_implementation", None) == PACKED:
+    if "seq_ids" in batch and attends_by_example(model, batch["seq_ids"].device):
         extra["segments"] = segments_of(batch["seq_ids"])  # attend example by example
     out = model.base_model(
         input_ids=batch["input_ids"],
