@@ -116,6 +116,40 @@ def test_decode_attention_equals_sdpa(batch, head_dim):
 
 
 @needs_kernel
+@pytest.mark.parametrize("head_dim", [64, 30])
+def test_rope_cache_is_transformers_rotary_to_the_bit(head_dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(head_dim)
+    b, heads, kv_heads, length, pos = 3, 9, 3, 20, 7
+    q = torch.randn(b, 1, heads, head_dim, generator=g).bfloat16()
+    k, v = (torch.randn(b, 1, kv_heads, head_dim, generator=g).bfloat16() for _ in "kv")
+    angles = torch.rand(b, 1, head_dim // 2, generator=g) * 6
+    cos, sin = (f(torch.cat([angles, angles], -1)).bfloat16() for f in (torch.cos, torch.sin))
+    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    keys, values = (torch.zeros(b, kv_heads, length, head_dim, dtype=torch.bfloat16) for _ in "kv")
+    half = head_dim // 2
+    folded = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    rotated = q.clone()
+    assert nf4_kernel.rope_cache(rotated, k, v, cos, folded, keys, values, pos)
+    assert torch.equal(rotated.transpose(1, 2), ref_q)
+    assert torch.equal(keys[:, :, pos : pos + 1], ref_k)
+    assert torch.equal(values[:, :, pos : pos + 1], v.transpose(1, 2))
+    assert not keys[:, :, :pos].any() and not keys[:, :, pos + 1 :].any()  # nothing else
+    assert not nf4_kernel.rope_cache(q.float(), k, v, cos, folded, keys, values, pos)
+
+
+@needs_kernel
+def test_argmax_is_torchs():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(8, 49152, generator=g) * 3).bfloat16()
+    logits[3, 100] = logits[3, 7000] = 50  # ties: the first
+    logits[5] = -torch.rand(49152, generator=g).bfloat16() - 1  # all negative
+    assert torch.equal(nf4_kernel.argmax(logits), logits.float().argmax(-1))
+    assert nf4_kernel.argmax(logits.float()) is None
+
+
+@needs_kernel
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("blocksize", [32, 64, 128])
 def test_kernel_dequantizes_to_the_same_bits(double_quant, blocksize):

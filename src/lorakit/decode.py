@@ -111,7 +111,8 @@ class LeanDecoder:
         cos, sin = self.base.rotary_emb(h, position_ids=positions)  # (B, t, D) in h's dtype
         half = self.head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * [-sin[:half], sin[half:]]
-        cos, sin = cos[:, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, None]
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        rows_cos, rows_sin, cos, sin = cos, sin, cos[:, None], sin[:, None]
         attend = self._mask(mask[:, :end].bool(), t, start)
         if t == 1 and b <= KERNEL_ROWS and self.calls is None:
             # Decoding steps from here on: each projection's kernel call, resolved once.
@@ -127,15 +128,21 @@ class LeanDecoder:
             v = v_proj(x).view(b, t, -1, self.head_dim)
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head
                 q, k = attention.q_norm(q), attention.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + q.roll(half, -1) * sin
-            k = k * cos + k.roll(half, -1) * sin
             if len(self.keys) <= i:
                 shape = (b, self.kv_heads, self.length, self.head_dim)
                 self.keys.append(torch.empty(shape, dtype=k.dtype, device=k.device))
                 self.values.append(torch.empty(shape, dtype=v.dtype, device=v.device))
-            self.keys[i][:, :, start:end] = k
-            self.values[i][:, :, start:end] = v
+            # One new position: rotation and cache writes in one compiled call where it runs
+            fused = t == 1 and nf4_kernel.rope_cache(
+                q, k, v, rows_cos, rows_sin, self.keys[i], self.values[i], start
+            )
+            q = q.transpose(1, 2)
+            if not fused:
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+                q = q * cos + q.roll(half, -1) * sin
+                k = k * cos + k.roll(half, -1) * sin
+                self.keys[i][:, :, start:end] = k
+                self.values[i][:, :, start:end] = v
             o = self._attend(q, i, end, attend)
             h = h + o_proj(o.reshape(b, t, -1))
             x = _rms_norm(layer.post_attention_layernorm, h)

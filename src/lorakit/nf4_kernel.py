@@ -117,6 +117,11 @@ def library() -> ctypes.CDLL | None:
     lib.lk_decode_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]
     lib.lk_decode_attention.argtypes += [ctypes.c_float, ptr, i32]
     lib.lk_decode_attention.restype = i32
+    # q, batch, heads, kv heads, head dim, k, v, cos, sin, key cache, value cache, length, pos
+    lib.lk_rope_cache.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64]
+    lib.lk_rope_cache.restype = i32
+    lib.lk_argmax_bf16.argtypes = [ptr, i64, i64, ptr]  # x, rows, n, out (int64)
+    lib.lk_argmax_bf16.restype = i32
     return lib
 
 
@@ -315,3 +320,62 @@ def decode_attention(
         torch.get_num_threads(),
     )
     return out if status == 0 else None
+
+
+def _bf16_cpu(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+def rope_cache(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    pos: int,
+) -> bool:
+    """One new position per row: rotate q (B, 1, H, D) in place and write the rotated k and v
+    (B, 1, Hkv, D) at `pos` of the caches (B, Hkv, L, D); cos, sin (B, 1, D) with sin's first
+    half negated. The values of transformers' bf16 rotary arithmetic, bit for bit. False (and
+    nothing done) where it does not apply: other dtypes or layouts, no library."""
+    lib = library()
+    b, one, heads, d = q.shape
+    if (
+        lib is None
+        or one != 1
+        or not _bf16_cpu(q, k, v, cos, sin, keys, values)
+        or not all(t.is_contiguous() for t in (q, k, v, cos, sin, keys, values))
+        or cos.numel() != b * d
+        or sin.numel() != b * d
+    ):
+        return False
+    status = lib.lk_rope_cache(
+        q.data_ptr(),
+        b,
+        heads,
+        keys.shape[1],
+        d,
+        k.data_ptr(),
+        v.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.shape[2],
+        pos,
+    )
+    return status == 0
+
+
+def argmax(logits: Tensor) -> Tensor | None:
+    """(B, V) bf16 logits -> (B,) index of each row's largest value (the first of equals), or
+    None where it does not apply (other dtypes, no library)."""
+    lib = library()
+    if lib is None or not _bf16_cpu(logits) or logits.dim() != 2 or logits.shape[1] == 0:
+        return None
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    lib.lk_argmax_bf16(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+    return out

@@ -1,5 +1,7 @@
 /* y = x @ W.T with W in NF4 (lorakit.nf4's layout), read straight from its 4-bit codes; and
- * y = x @ W.T with W in bf16, for the output head.
+ * y = x @ W.T with W in bf16, for the output head. Then the rest of a bf16 decoding step that
+ * PyTorch spends many small operations on: RMSNorm, the rotary embedding with the KV cache
+ * write, one query's attention, greedy argmax.
  *
  * Decoding reads every weight once per new token: from the 4-bit codes that is a quarter of the
  * bytes a bf16 weight would be. Compiled at first use by lorakit/nf4_kernel.py with
@@ -397,6 +399,66 @@ int lk_rms_norm(const uint16_t* x, int64_t rows, int64_t n, const uint16_t* w, f
 #else
     return -1;
 #endif
+}
+
+/* Rotary embedding of one new position per row, and its keys and values into the cache.
+ * q (batch, heads, d), k and v (batch, kv_heads, d) as the projections wrote them; cos, sin
+ * (batch, d) with sin's first half negated, so that rotate_half(x) * sin is roll(x, d/2) * sin.
+ * q is rotated in place; the rotated k and v go to position pos of kc, vc (batch, kv_heads,
+ * length, d). Each product and the sum are rounded to bf16, as PyTorch's bf16
+ * q * cos + rotate_half(q) * sin is. */
+static inline uint16_t rotate(const uint16_t* x, int64_t i, int64_t d, const uint16_t* cos,
+                              const uint16_t* sin) {
+    const int64_t j = i < d / 2 ? i + d / 2 : i - d / 2;
+    float a = bf16_to_float(float_to_bf16(bf16_to_float(x[i]) * bf16_to_float(cos[i])));
+    float b = bf16_to_float(float_to_bf16(bf16_to_float(x[j]) * bf16_to_float(sin[i])));
+    return float_to_bf16(a + b);
+}
+
+int lk_rope_cache(uint16_t* q, int64_t batch, int64_t heads, int64_t kv_heads, int64_t d,
+                  const uint16_t* k, const uint16_t* v, const uint16_t* cos, const uint16_t* sin,
+                  uint16_t* kc, uint16_t* vc, int64_t length, int64_t pos) {
+    if (d % 2 || pos < 0 || pos >= length || d > 1024) return -1;
+    uint16_t row[1024];
+    for (int64_t b = 0; b < batch; b++) {
+        const uint16_t *c = cos + b * d, *sn = sin + b * d;
+        for (int64_t h = 0; h < heads; h++) {
+            uint16_t* x = q + (b * heads + h) * d;
+            for (int64_t i = 0; i < d; i++) row[i] = rotate(x, i, d, c, sn);
+            memcpy(x, row, d * sizeof(uint16_t));
+        }
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t at = ((b * kv_heads + h) * length + pos) * d;
+            const uint16_t* x = k + (b * kv_heads + h) * d;
+            for (int64_t i = 0; i < d; i++) kc[at + i] = rotate(x, i, d, c, sn);
+            memcpy(vc + at, v + (b * kv_heads + h) * d, d * sizeof(uint16_t));
+        }
+    }
+    return 0;
+}
+
+/* For each of `rows` rows of n bf16 values, the index of the largest (the first of equals;
+ * NaN is not handled): greedy decoding's choice, without a float32 copy of the logits. The
+ * values are mapped to unsigned keys in the same order (negative: bits flipped; else the sign
+ * bit set) so that the maximum is an integer reduction the compiler vectorises. */
+static inline uint16_t order_key(uint16_t h) {
+    return (h & 0x8000) ? (uint16_t)~h : (uint16_t)(h | 0x8000);
+}
+
+int lk_argmax_bf16(const uint16_t* x, int64_t rows, int64_t n, int64_t* out) {
+    if (n < 1) return -1;
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t* row = x + r * n;
+        uint16_t top = 0;
+        for (int64_t i = 0; i < n; i++) {
+            const uint16_t key = order_key(row[i]);
+            top = key > top ? key : top;
+        }
+        int64_t i = 0;
+        while (order_key(row[i]) != top) i++;
+        out[r] = i;
+    }
+    return 0;
 }
 
 /* Attention of one new position per row: q (batch, heads, d) over the first t positions of
