@@ -461,6 +461,77 @@ int lk_argmax_bf16(const uint16_t* x, int64_t rows, int64_t n, int64_t* out) {
     return 0;
 }
 
+#if LANES
+/* e^x for LANES floats, x <= 88 (smaller than -87 gives e^-87): Cephes' expf, ~1 ulp. */
+#define EXP_POLY(mul, fmadd, set1, r)                                                   \
+    fmadd(fmadd(fmadd(fmadd(fmadd(set1(1.9875691500e-4f), r, set1(1.3981999507e-3f)), r, \
+                            set1(8.3334519073e-3f)),                                    \
+                      r, set1(4.1665795894e-2f)),                                       \
+                r, set1(1.6666665459e-1f)),                                             \
+          r, set1(5.0000001201e-1f))
+#if LANES == 16
+static inline vec vexp(vec x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, vset1(88.0f)), vset1(-87.0f));
+    vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504088896341f)),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    vec p = EXP_POLY(_mm512_mul_ps, _mm512_fmadd_ps, vset1, r);
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, vset1(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+/* e^(s - top) in place over n scores, 0 for -inf (a key the row does not see); their sum */
+static float softmax_exp(float* s, int64_t n, float top) {
+    vec sum = vzero();
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        vec x = _mm512_loadu_ps(s + j);
+        __mmask16 seen = _mm512_cmp_ps_mask(x, vset1(-INFINITY), _CMP_NEQ_OQ);
+        vec e = _mm512_maskz_mov_ps(seen, vexp(_mm512_sub_ps(x, vset1(top))));
+        _mm512_storeu_ps(s + j, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    float total = vsum(sum);
+    for (; j < n; j++) {
+        s[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+#else
+static inline vec vexp(vec x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, vset1(88.0f)), vset1(-87.0f));
+    vec n = _mm256_round_ps(_mm256_mul_ps(x, vset1(1.44269504088896341f)),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
+    vec p = EXP_POLY(_mm256_mul_ps, _mm256_fmadd_ps, vset1, r);
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, vset1(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+static float softmax_exp(float* s, int64_t n, float top) {
+    vec sum = vzero();
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES) {
+        vec x = _mm256_loadu_ps(s + j);
+        vec seen = _mm256_cmp_ps(x, vset1(-INFINITY), _CMP_NEQ_OQ);
+        vec e = _mm256_and_ps(seen, vexp(_mm256_sub_ps(x, vset1(top))));
+        _mm256_storeu_ps(s + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float total = vsum(sum);
+    for (; j < n; j++) {
+        s[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - top);
+        total += s[j];
+    }
+    return total;
+}
+#endif
+
+#endif
+
 /* Attention of one new position per row: q (batch, heads, d) over the first t positions of
  * the cache k, v (batch, kv_heads, length, d), query head h reading key/value head
  * h / (heads / kv_heads); mask (batch, mask_stride) says which positions a row sees (NULL:
@@ -471,7 +542,7 @@ int lk_decode_attention(const uint16_t* q, int64_t batch, int64_t heads, int64_t
                         int64_t t, const uint8_t* mask, int64_t mask_stride, float scale,
                         uint16_t* out, int threads) {
 #if LANES
-    if (d % CHUNK || heads % kv_heads || t < 1 || t > length) return -1;
+    if (d % CHUNK || d > 512 || heads % kv_heads || t < 1 || t > length) return -1;
     const int64_t groups = heads / kv_heads;
     float* scores = malloc(sizeof(float) * batch * heads * t);
     if (!scores) return -1;
@@ -485,6 +556,13 @@ int lk_decode_attention(const uint16_t* q, int64_t batch, int64_t heads, int64_t
         const uint8_t* seen = mask ? mask + b * mask_stride : NULL;
         float* s = scores + bh * t;
         float top = -INFINITY;
+#if HAVE_BF16 /* bf16 dot products: exact products, float32 sums, 32 elements an instruction */
+        __m512bh qb[512 / 32];
+        for (int64_t c = 0; c < d; c += 32) qb[c / 32] = (__m512bh)_mm512_loadu_si512(qr + c);
+#else
+        vec qw[512 / LANES]; /* the query in float32, once */
+        for (int64_t c = 0; c < d; c += CHUNK) widen(qr + c, &qw[c / LANES], &qw[c / LANES + 1]);
+#endif
         for (int64_t j = 0; j < t; j++) {
             if (seen && !seen[j]) {
                 s[j] = -INFINITY;
@@ -492,21 +570,21 @@ int lk_decode_attention(const uint16_t* q, int64_t batch, int64_t heads, int64_t
             }
             const uint16_t* kr = k + cache + j * d;
             vec acc = vzero();
+#if HAVE_BF16
+            for (int64_t c = 0; c < d; c += 32)
+                acc = _mm512_dpbf16_ps(acc, qb[c / 32], (__m512bh)_mm512_loadu_si512(kr + c));
+#else
             for (int64_t c = 0; c < d; c += CHUNK) {
-                vec q0, q1, k0, k1;
-                widen(qr + c, &q0, &q1);
+                vec k0, k1;
                 widen(kr + c, &k0, &k1);
-                acc = vfma(q0, k0, acc);
-                acc = vfma(q1, k1, acc);
+                acc = vfma(qw[c / LANES], k0, acc);
+                acc = vfma(qw[c / LANES + 1], k1, acc);
             }
+#endif
             s[j] = vsum(acc) * scale;
             if (s[j] > top) top = s[j];
         }
-        float total = 0.0f;
-        for (int64_t j = 0; j < t; j++) {
-            s[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - top);
-            total += s[j];
-        }
+        const float total = softmax_exp(s, t, top);
         vec o[64 / LANES * 2]; /* up to d = 128 in registers; wider heads go in steps below */
         for (int64_t c0 = 0; c0 < d; c0 += 128) {
             const int64_t width = d - c0 < 128 ? d - c0 : 128;
