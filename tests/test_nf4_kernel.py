@@ -240,3 +240,21 @@ def test_an_adapter_added_in_the_kernel_call_equals_the_lora_formula(rows):
     with torch.no_grad():
         assert layer.base_layer.decode(x) is not None  # the fused path is the one taken
         torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_group_call_equals_each_weights_call(dtype):
+    g = torch.Generator().manual_seed(1)
+    kernels = [
+        nf4_kernel.KernelWeight(quantize_nf4(torch.randn(n_out, 256, generator=g) * 0.05))
+        for n_out in (96, 32, 64)
+    ]
+    lora = (torch.randn(4, 256, generator=g), torch.randn(32, 4, generator=g), 0.5)
+    loras = [None, lora, None]
+    x = torch.randn(3, 1, 256, generator=g).to(dtype)
+    group = nf4_kernel.KernelGroup(list(zip(kernels, loras, strict=True)))
+    got = group(x, dtype)
+    for y, k, lo in zip(got, kernels, loras, strict=True):
+        assert y.dtype == dtype and y.shape == (3, 1, k.shape[0])
+        assert torch.equal(y, k(x, dtype, lo))

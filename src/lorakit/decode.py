@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit import nf4_kernel
-from lorakit.qlinear import KERNEL_ROWS
+from lorakit.qlinear import KERNEL_ROWS, KernelCall
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -62,12 +62,34 @@ def _projections(layer: nn.Module) -> list[nn.Module]:
     return [getattr(attention, n) for n in _ATTENTION] + [getattr(mlp, n) for n in _MLP[:3]]
 
 
-def _decoding_call(module: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A projection's decoding step without its per-call checks where the 4-bit kernel does
-    all of it (NF4Linear/LoRALinear.decode_call), else the module itself. Resolved once per
-    generation: the adapters and weight caches stay as they are while it runs."""
-    make = getattr(module, "decode_call", None)
-    return (make() if make is not None else None) or module
+Projections = Callable[[Tensor], list[Tensor]]  # x -> each projection's output
+
+
+def _together(modules: list[nn.Module], decoding: bool) -> Projections:
+    """Projections of one input (q/k/v, gate/up; or one alone). For decoding steps, where
+    each goes straight to the 4-bit kernel (NF4Linear/LoRALinear.decode_call), one kernel call
+    for all of them; else each module as it is. Resolved once per generation: the adapters and
+    weight caches stay as they are while it runs."""
+    calls = [m.decode_call() if decoding and hasattr(m, "decode_call") else None for m in modules]
+    if not all(isinstance(c, KernelCall) for c in calls):
+        return lambda x: [m(x) for m in modules]
+    if len(calls) == 1:
+        return lambda x: [calls[0](x)]
+    group = nf4_kernel.KernelGroup([(c.kernel, c.lora) for c in calls])
+    layer, biases = calls[0].layer, [c.bias for c in calls]
+
+    def run(x: Tensor) -> list[Tensor]:
+        ys = group(x, layer._compute_dtype(x))
+        return [y if b is None else y + b.to(y.dtype) for y, b in zip(ys, biases, strict=True)]
+
+    return run
+
+
+def _layer_calls(layer: nn.Module, decoding: bool) -> list[Projections]:
+    """(q, k, v), (o), (gate, up), (down) of one layer."""
+    q, k, v, o, gate, up, down = _projections(layer)
+    groups = [[q, k, v], [o], [gate, up], [down]]
+    return [_together(g, decoding) for g in groups]
 
 
 def _rms_norm(norm: nn.Module, h: Tensor) -> Tensor:
@@ -99,7 +121,7 @@ class LeanDecoder:
         self.keys: list[Tensor] = []  # per layer (B, kv heads, length, head dim), on first use
         self.values: list[Tensor] = []
         self.size = 0  # positions of the cache filled so far
-        self.calls: list[list[Callable[[Tensor], Tensor]]] | None = None
+        self.calls: list[list[Projections]] | None = None
 
     @torch.no_grad()
     def __call__(self, ids: Tensor, mask: Tensor, positions: Tensor) -> Tensor:
@@ -115,17 +137,15 @@ class LeanDecoder:
         rows_cos, rows_sin, cos, sin = cos, sin, cos[:, None], sin[:, None]
         attend = self._mask(mask[:, :end].bool(), t, start)
         if t == 1 and b <= KERNEL_ROWS and self.calls is None:
-            # Decoding steps from here on: each projection's kernel call, resolved once.
-            self.calls = [[_decoding_call(m) for m in _projections(layer)] for layer in self.layers]
+            # Decoding steps from here on: the kernel calls, resolved once.
+            self.calls = [_layer_calls(layer, decoding=True) for layer in self.layers]
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
-            q_proj, k_proj, v_proj, o_proj, gate, up, down = (
-                self.calls[i] if t == 1 and self.calls else _projections(layer)
+            qkv, o_proj, gate_up, down = (
+                self.calls[i] if t == 1 and self.calls else _layer_calls(layer, decoding=False)
             )
             x = _rms_norm(layer.input_layernorm, h)
-            q = q_proj(x).view(b, t, -1, self.head_dim)
-            k = k_proj(x).view(b, t, -1, self.head_dim)
-            v = v_proj(x).view(b, t, -1, self.head_dim)
+            q, k, v = (y.view(b, t, -1, self.head_dim) for y in qkv(x))
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head
                 q, k = attention.q_norm(q), attention.k_norm(k)
             if len(self.keys) <= i:
@@ -144,9 +164,10 @@ class LeanDecoder:
                 self.keys[i][:, :, start:end] = k
                 self.values[i][:, :, start:end] = v
             o = self._attend(q, i, end, attend)
-            h = h + o_proj(o.reshape(b, t, -1))
+            h = h + o_proj(o.reshape(b, t, -1))[0]
             x = _rms_norm(layer.post_attention_layernorm, h)
-            h = h + down(layer.mlp.act_fn(gate(x)) * up(x))
+            g, u = gate_up(x)
+            h = h + down(layer.mlp.act_fn(g) * u)[0]
         self.size = end
         h = _rms_norm(self.base.norm, h[:, -1:])
         return self.model.get_output_embeddings()(h)[:, -1]

@@ -13,14 +13,14 @@ plain function over weights. A batch may carry a different adapter per row (`row
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.qlinear import KERNEL_ROWS, NF4Linear
+from lorakit.qlinear import KERNEL_ROWS, KernelCall, NF4Linear
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -125,7 +125,7 @@ class LoRALinear(nn.Module):
         call = self.decode_call()
         return None if call is None else call(x)
 
-    def decode_call(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    def decode_call(self) -> KernelCall | None:
         """The compiled kernel's call for this layer's decoding steps (NF4Linear.decode_call):
         an NF4 base with at most one unmerged float32 adapter, all rows on it; else None."""
         base = self.base_layer

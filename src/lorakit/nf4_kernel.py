@@ -104,6 +104,10 @@ def library() -> ctypes.CDLL | None:
     lib.lk_nf4_matmul.argtypes = [ctypes.POINTER(_Weight), ptr, i32, i64, ptr, i32, i32]
     lib.lk_nf4_matmul.argtypes += [ptr, ptr, i64, ctypes.c_float, i32]
     lib.lk_nf4_matmul.restype = i32
+    # n, weights, x, x is bf16, rows, outputs, y is bf16, threads, adapters' A, B, ranks, scales,
+    # whether the products may run in bf16
+    lib.lk_nf4_matmul_n.argtypes = [i64, ptr, ptr, i32, i64, ptr, i32, i32, ptr, ptr, ptr, ptr, i32]
+    lib.lk_nf4_matmul_n.restype = i32
     # weight, out, in, x, x is bf16, rows, y, y is bf16, threads
     lib.lk_bf16_matmul.argtypes = [ptr, i64, i64, ptr, i32, i64, ptr, i32, i32]
     lib.lk_bf16_matmul.restype = i32
@@ -207,6 +211,54 @@ class KernelWeight:
             self.ref, out.data_ptr(), dtype == torch.bfloat16, torch.get_num_threads()
         )
         return out if status == 0 else None
+
+
+class KernelGroup:
+    """Several weights over the same activations in one call, each with its own adapter (or
+    None): q, k and v, or gate and up. Per call the C side does what KernelWeight's calls
+    would; what it saves is their Python and ctypes cost, most of a small matmul's time."""
+
+    def __init__(self, parts: list[tuple[KernelWeight, LoRA | None]]) -> None:
+        lib = library()
+        assert lib is not None and len({k.shape[1] for k, _ in parts}) == 1
+        for _, lora in parts:
+            assert lora is None or all(
+                t.dtype == torch.float32 and t.is_contiguous() for t in lora[:2]
+            )
+        self.parts, self.call, n = parts, lib.lk_nf4_matmul_n, len(parts)
+        self.n_in = parts[0][0].shape[1]
+        self.weights = (ctypes.c_void_p * n)(*[ctypes.addressof(k.weight) for k, _ in parts])
+        self.a = (ctypes.c_void_p * n)(*[lo[0].data_ptr() if lo else None for _, lo in parts])
+        self.b = (ctypes.c_void_p * n)(*[lo[1].data_ptr() if lo else None for _, lo in parts])
+        self.ranks = (ctypes.c_int64 * n)(*[lo[0].shape[0] if lo else 0 for _, lo in parts])
+        self.scales = (ctypes.c_float * n)(*[lo[2] if lo else 0.0 for _, lo in parts])
+        self.outs = (ctypes.c_void_p * n)()
+
+    def __call__(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
+        """x (..., in) -> each weight's (..., out) in `dtype`, as KernelWeight(x, dtype, lora)."""
+        rows = _activations(x, self.n_in)
+        out_dtype = _out_dtype(dtype)
+        ys = [torch.empty(*x.shape[:-1], k.shape[0], dtype=out_dtype) for k, _ in self.parts]
+        for i, y in enumerate(ys):
+            self.outs[i] = y.data_ptr()
+        status = self.call(
+            len(ys),
+            self.weights,
+            rows.data_ptr(),
+            rows.dtype == torch.bfloat16,
+            rows.shape[0],
+            self.outs,
+            out_dtype == torch.bfloat16,
+            torch.get_num_threads(),
+            self.a,
+            self.b,
+            self.ranks,
+            self.scales,
+            x.dtype == dtype == torch.bfloat16,
+        )
+        if status != 0:
+            raise RuntimeError("the NF4 kernel refused a group of weights")
+        return ys if out_dtype == dtype else [y.to(dtype) for y in ys]
 
 
 def _activations(x: Tensor, n_in: int) -> Tensor:

@@ -316,6 +316,22 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
 #endif
 }
 
+/* n weights over the same x in one call (q, k and v; gate and up), each as lk_nf4_matmul with
+ * its own output and adapter (NULL lora_a[i]: none): a decoding step's per-call cost is mostly
+ * the caller's, in Python. */
+int lk_nf4_matmul_n(int64_t n, const nf4_weight* const* ws, const void* x, int x_bf16,
+                    int64_t batch, void* const* outs, int y_bf16, int threads,
+                    const float* const* lora_a, const float* const* lora_b, const int64_t* ranks,
+                    const float* lora_scales, int bf16_products) {
+    for (int64_t i = 0; i < n; i++) {
+        const int status = lk_nf4_matmul(ws[i], x, x_bf16, batch, outs[i], y_bf16, threads,
+                                         lora_a[i], lora_b[i], ranks[i], lora_scales[i],
+                                         bf16_products);
+        if (status) return status;
+    }
+    return 0;
+}
+
 /* y = x @ W.T for a bf16 W (n_out, n_in), n_in % (2 * LANES) == 0: the output head while
  * decoding, a few rows against a large vocabulary, where it is bound by reading W once. */
 int lk_bf16_matmul(const uint16_t* w, int64_t n_out, int64_t n_in, const void* x, int x_bf16,

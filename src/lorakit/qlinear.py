@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -175,7 +175,7 @@ class NF4Linear(nn.Module):
 
     def decode_call(
         self, lora: nf4_kernel.LoRA | None = None, bias: bool = True
-    ) -> Callable[[Tensor], Tensor] | None:
+    ) -> KernelCall | None:
         """The kernel's call for decoding steps (x of at most KERNEL_ROWS rows, no grad), with
         `lora` and the bias added, or None where the kernel does not run (training mode: a
         no-grad pass of reentrant checkpointing keeps autograd's path) or a cached dequantized
@@ -186,13 +186,7 @@ class NF4Linear(nn.Module):
             or (kernel := self._kernel(self.packed.device)) is None
         ):
             return None
-        add = self.bias if bias else None
-
-        def call(x: Tensor) -> Tensor:
-            y = kernel(x, self._compute_dtype(x), lora)
-            return y if add is None else y + add.to(y.dtype)
-
-        return call
+        return KernelCall(self, kernel, lora, self.bias if bias else None)
 
     def _kernel(self, device: torch.device) -> nf4_kernel.KernelWeight | None:
         """The compiled kernel's prepared call for this weight, or None where it cannot run;
@@ -212,6 +206,22 @@ class NF4Linear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, nf4 blocksize={self.blocksize}{dq}"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCall:
+    """One NF4 layer's decoding step through the kernel: x @ W.T, plus the adapter `lora`
+    (in the same call) and `bias`, in the layer's compute dtype. Its parts are open so that
+    projections reading the same input can be run as one `nf4_kernel.KernelGroup`."""
+
+    layer: NF4Linear
+    kernel: nf4_kernel.KernelWeight
+    lora: nf4_kernel.LoRA | None
+    bias: Tensor | None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = self.kernel(x, self.layer._compute_dtype(x), self.lora)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def _dequantize(state: NF4State, dtype: torch.dtype, kernel: nf4_kernel.KernelWeight | None):
