@@ -1,6 +1,7 @@
 """The compiled NF4 matmul: the same products as dequantizing first, where it runs at all."""
 
 import copy as copy_module
+import os
 
 import pytest
 import torch
@@ -205,6 +206,17 @@ def test_build_is_atomic_and_a_failed_build_means_no_kernel(tmp_path, monkeypatc
         assert built is not None and built.parent == tmp_path
         assert [p.name for p in tmp_path.iterdir()] == [built.name]
         assert nf4_kernel._build(cc) == built  # cached: not compiled again
+        # older builds (earlier sources) beyond the newest few are removed when one is made
+        for i in range(6):
+            old = tmp_path / f"nf4_matmul-old{i}.so"
+            old.write_bytes(b"")
+            os.utime(old, (i, i))
+        built.unlink()
+        assert nf4_kernel._build(cc) == built
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == sorted(
+            [built.name, "nf4_matmul-old3.so", "nf4_matmul-old4.so", "nf4_matmul-old5.so"]
+        )
 
 
 def test_the_switch_turns_it_off(monkeypatch):

@@ -64,7 +64,20 @@ def _build(cc: str) -> Path | None:
         return None
     finally:
         tmp.unlink(missing_ok=True)
+    _prune(path)
     return path
+
+
+KEEP_BUILDS = 4  # other lorakit versions or compilers sharing the cache keep theirs a while
+
+
+def _prune(newest: Path) -> None:
+    """Remove all but the KEEP_BUILDS most recent builds (one per source change otherwise
+    piles up); a library already loaded by a running process stays usable once unlinked."""
+    builds = sorted(newest.parent.glob("nf4_matmul-*.so"), key=lambda p: p.stat().st_mtime)
+    for old in builds[:-KEEP_BUILDS]:
+        if old != newest:
+            old.unlink(missing_ok=True)
 
 
 class _Weight(ctypes.Structure):
