@@ -39,8 +39,9 @@ step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests
 step train 120 python3 bench/train_throughput.py --model "$MODEL" --device cuda --micro 16 --steps 30 --warmup 3
 step cuda-losses 60 python3 bench/train_throughput.py --model "$MODEL" --device cuda --sides lorakit --steps 3 --warmup 0
 step cpu-losses 120 python3 bench/train_throughput.py --model "$MODEL" --device cpu --sides lorakit --steps 3 --warmup 0
-step generation 150 python3 bench/generation.py --model "$MODEL" --device cuda
+step generation 150 python3 bench/generation.py --model "$MODEL" --device cuda --new-tokens 64
 step nf4 45 python3 bench/nf4_vs_bnb.py --model "$MODEL" --device cuda
+step profile 120 python3 bench/step_profile.py --config "$CONFIG" --device cuda --steps 3 --new-tokens 32
 step memory-1b 120 python3 bench/train_throughput.py --model "$MODEL" --random-1b --device cuda --steps 1 --warmup 0 --per-step 4
 rm -f "$OUT/step.txt"
 cat "$TABLES"

@@ -2,7 +2,8 @@
 
 For a short lease on a GPU machine, where every new Python process costs seconds of imports:
 one process builds a model of the given architecture with random weights on the device, then
-times lorakit's training steps (packed attention, and masked sdpa), the baseline's, both
+times lorakit's training steps (as `lorakit train` runs them: packed attention, example by
+example on CPU, one masked call per layer on GPU; and plain masked sdpa), the baseline's, both
 sides' generation at batch 1 and 8 (bare and with an r=16 adapter), and prints torch.profiler's
 top operations for one lorakit training step. The training workload is train_throughput.py's
 (16 sequences of <= 512 tokens per optimizer step, r=16 on q/k/v/o, NF4 + double quant, bf16).
@@ -111,7 +112,7 @@ def main() -> None:
                 enable_packed_attention(model)
             else:
                 model.set_attn_implementation("sdpa")
-            lorakit_steps(model, "packed attention" if packed else "masked sdpa")
+            lorakit_steps(model, "as lorakit train runs it" if packed else "masked sdpa")
         enable_packed_attention(model)
         b = D.collate(rows[: args.per_step], torch.bfloat16, pad)
         b["real_tokens"] = torch.tensor(1)
