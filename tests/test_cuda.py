@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model
 from test_decode import PROMPTS, _batch, _steps
+from test_train import _cfg
 
 from lorakit import train as T
 from lorakit.decode import lean_decoder
@@ -28,22 +29,17 @@ def _losses(tmp_path, model_dir, device: str) -> list[float]:
     data.write_text(
         "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS * 8)
     )
-    cfg = T.TrainConfig(
+    cfg = _cfg(
+        tmp_path,
+        data,
         model=str(model_dir),
-        data=str(data),
-        eval_data=str(data),
         out=str(tmp_path / device),
         quant="nf4",
         device=device,
         steps=8,
         batch_size=4,
-        seq_len=64,
         lr=5e-3,
-        rank=4,
-        alpha=8,
         dropout=0.0,  # the two devices' random streams differ
-        save_every=0,
-        eval_max_sequences=8,
     )
     T.train(cfg, progress=False)
     rows = [json.loads(x) for x in (tmp_path / device / "metrics.jsonl").read_text().splitlines()]

@@ -486,27 +486,37 @@ int lk_argmax_bf16(const uint16_t* x, int64_t rows, int64_t n, int64_t* out) {
                 r, set1(1.6666665459e-1f)),                                             \
           r, set1(5.0000001201e-1f))
 #if LANES == 16
+#define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) /* 2^n for integral n in float32 range */ \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#define VSEEN(x, e) /* e where x is not -inf, else 0 */ \
+    _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset1(-INFINITY), _CMP_NEQ_OQ), e)
+#define VOPS(op) _mm512_##op##_ps
+#else
+#define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define VPOW2(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#define VSEEN(x, e) _mm256_and_ps(_mm256_cmp_ps(x, vset1(-INFINITY), _CMP_NEQ_OQ), e)
+#define VOPS(op) _mm256_##op##_ps
+#endif
 static inline vec vexp(vec x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, vset1(88.0f)), vset1(-87.0f));
-    vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, vset1(1.44269504088896341f)),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vec r = _mm512_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    vec p = EXP_POLY(_mm512_mul_ps, _mm512_fmadd_ps, vset1, r);
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, vset1(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+    x = VOPS(max)(VOPS(min)(x, vset1(88.0f)), vset1(-87.0f));
+    vec n = VROUND(VOPS(mul)(x, vset1(1.44269504088896341f)));
+    vec r = VOPS(fnmadd)(n, vset1(0.693359375f), x);
+    r = VOPS(fnmadd)(n, vset1(-2.12194440e-4f), r);
+    vec p = EXP_POLY(VOPS(mul), vfma, vset1, r);
+    p = vfma(p, VOPS(mul)(r, r), VOPS(add)(r, vset1(1.0f)));
+    return VOPS(mul)(p, VPOW2(n));
 }
 /* e^(s - top) in place over n scores, 0 for -inf (a key the row does not see); their sum */
 static float softmax_exp(float* s, int64_t n, float top) {
     vec sum = vzero();
     int64_t j = 0;
     for (; j + LANES <= n; j += LANES) {
-        vec x = _mm512_loadu_ps(s + j);
-        __mmask16 seen = _mm512_cmp_ps_mask(x, vset1(-INFINITY), _CMP_NEQ_OQ);
-        vec e = _mm512_maskz_mov_ps(seen, vexp(_mm512_sub_ps(x, vset1(top))));
-        _mm512_storeu_ps(s + j, e);
-        sum = _mm512_add_ps(sum, e);
+        vec x = vload(s + j);
+        vec e = VSEEN(x, vexp(VOPS(sub)(x, vset1(top))));
+        VOPS(storeu)(s + j, e);
+        sum = VOPS(add)(sum, e);
     }
     float total = vsum(sum);
     for (; j < n; j++) {
@@ -515,36 +525,6 @@ static float softmax_exp(float* s, int64_t n, float top) {
     }
     return total;
 }
-#else
-static inline vec vexp(vec x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, vset1(88.0f)), vset1(-87.0f));
-    vec n = _mm256_round_ps(_mm256_mul_ps(x, vset1(1.44269504088896341f)),
-                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vec r = _mm256_fnmadd_ps(n, vset1(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, vset1(-2.12194440e-4f), r);
-    vec p = EXP_POLY(_mm256_mul_ps, _mm256_fmadd_ps, vset1, r);
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, vset1(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
-static float softmax_exp(float* s, int64_t n, float top) {
-    vec sum = vzero();
-    int64_t j = 0;
-    for (; j + LANES <= n; j += LANES) {
-        vec x = _mm256_loadu_ps(s + j);
-        vec seen = _mm256_cmp_ps(x, vset1(-INFINITY), _CMP_NEQ_OQ);
-        vec e = _mm256_and_ps(seen, vexp(_mm256_sub_ps(x, vset1(top))));
-        _mm256_storeu_ps(s + j, e);
-        sum = _mm256_add_ps(sum, e);
-    }
-    float total = vsum(sum);
-    for (; j < n; j++) {
-        s[j] = s[j] == -INFINITY ? 0.0f : expf(s[j] - top);
-        total += s[j];
-    }
-    return total;
-}
-#endif
 
 #endif
 
