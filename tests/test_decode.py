@@ -42,13 +42,15 @@ def _batch(prompts):
 
 
 def _steps(forward, ids, mask, n):
-    """Greedy steps fed by the reference's choices: the logits of each step."""
+    """The logits of the prompt's step, then of n - 1 steps fed the same made-up tokens on
+    every side (each side's own argmax could part ways at a near-tie in bf16)."""
     out, step = [], ids
-    for _ in range(n):
+    for i in range(n):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step.shape[1] :]
         logits = forward(step, mask, positions)
         out.append(logits)
-        step = logits.argmax(-1)[:, None]
+        step = torch.full_like(ids[:, :1], 7 + 37 * i % (logits.shape[-1] - 7))
+        step[0] += 1  # rows differ
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     return out
 
@@ -67,9 +69,11 @@ def test_lean_logits_equal_transformers_forward(kind, prompts):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])  # biases; per-head q/k norms
 @pytest.mark.parametrize("head_dim", [8, 32])  # 32: the compiled attention takes it
-def test_lean_decoding_in_bf16_with_adapters_gives_transformers_logits(head_dim):
-    model = tiny_model("llama", hidden_size=4 * head_dim).to(torch.bfloat16)
+def test_lean_decoding_in_bf16_with_adapters_gives_transformers_logits(kind, head_dim):
+    size = dict(hidden_size=4 * head_dim) | ({"head_dim": head_dim} if kind == "qwen3" else {})
+    model = tiny_model(kind, **size).to(torch.bfloat16)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     attach_lora(model, names, "a", rank=4, alpha=8)
     for n in names:
