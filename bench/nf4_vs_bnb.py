@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
     device = torch.device(args.device)
     model, _, _ = load_model(args.model, quant="none", dtype=torch.float32, with_tokenizer=False)
     weights = [m.weight.detach().to(device).contiguous() for m in linear_modules(model).values()]

@@ -22,8 +22,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
+    from pathlib import Path
+
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(args.config_dir) / "config.json").is_file():
+        p.error(f"{args.config_dir}: no config.json; give a directory save_pretrained wrote")
     config = AutoConfig.from_pretrained(args.config_dir)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)

@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
     device = torch.device(args.device)
     t0 = time.perf_counter()
 

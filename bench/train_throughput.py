@@ -184,10 +184,17 @@ def main() -> None:
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
+
+    from lorakit.errors import LorakitError
     from lorakit.loading import load_model
 
     hf_dir = tempfile.mkdtemp()
-    full, tok, _ = load_model(args.model, quant="none", dtype=torch.float32)
+    try:
+        full, tok, _ = load_model(args.model, quant="none", dtype=torch.float32)
+    except LorakitError as err:
+        p.error(str(err))
     if args.random_1b:  # LLaMA architecture at ~1.1B (TinyLlama's shape), random weights
         from transformers import LlamaConfig, LlamaForCausalLM
 

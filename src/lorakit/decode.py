@@ -57,11 +57,6 @@ def lean_decoder(model: nn.Module, batch: int, length: int) -> LeanDecoder | Non
     return LeanDecoder(model, batch, length)
 
 
-def _projections(layer: nn.Module) -> list[nn.Module]:
-    attention, mlp = layer.self_attn, layer.mlp
-    return [getattr(attention, n) for n in _ATTENTION] + [getattr(mlp, n) for n in _MLP[:3]]
-
-
 Projections = Callable[[Tensor], list[Tensor]]  # x -> each projection's output
 
 
@@ -70,11 +65,11 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
     each goes straight to the 4-bit kernel (NF4Linear/LoRALinear.decode_call), one kernel call
     for all of them; else each module as it is. Resolved once per generation: the adapters and
     weight caches stay as they are while it runs."""
-    calls = [m.decode_call() if decoding and hasattr(m, "decode_call") else None for m in modules]
-    if not all(isinstance(c, KernelCall) for c in calls):
-        return lambda x: [m(x) for m in modules]
-    if len(calls) == 1:
-        return lambda x: [calls[0](x)]
+    calls = [
+        (m.decode_call() if decoding and hasattr(m, "decode_call") else None) or m for m in modules
+    ]
+    if len(calls) == 1 or not all(isinstance(c, KernelCall) for c in calls):
+        return lambda x: [c(x) for c in calls]
     group = nf4_kernel.KernelGroup([(c.kernel, c.lora) for c in calls])
     layer, biases = calls[0].layer, [c.bias for c in calls]
 
@@ -87,8 +82,8 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
 
 def _layer_calls(layer: nn.Module, decoding: bool) -> list[Projections]:
     """(q, k, v), (o), (gate, up), (down) of one layer."""
-    q, k, v, o, gate, up, down = _projections(layer)
-    groups = [[q, k, v], [o], [gate, up], [down]]
+    a, m = layer.self_attn, layer.mlp
+    groups = [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [m.gate_proj, m.up_proj], [m.down_proj]]
     return [_together(g, decoding) for g in groups]
 
 
@@ -121,6 +116,9 @@ class LeanDecoder:
         self.keys: list[Tensor] = []  # per layer (B, kv heads, length, head dim), on first use
         self.values: list[Tensor] = []
         self.size = 0  # positions of the cache filled so far
+        # each layer's projections: as modules (prompts), and straight to the kernel (decoding
+        # steps, resolved at the first)
+        self.plain = [_layer_calls(layer, decoding=False) for layer in self.layers]
         self.calls: list[list[Projections]] | None = None
 
     @torch.no_grad()
@@ -141,9 +139,7 @@ class LeanDecoder:
             self.calls = [_layer_calls(layer, decoding=True) for layer in self.layers]
         for i, layer in enumerate(self.layers):
             attention = layer.self_attn
-            qkv, o_proj, gate_up, down = (
-                self.calls[i] if t == 1 and self.calls else _layer_calls(layer, decoding=False)
-            )
+            qkv, o_proj, gate_up, down = self.calls[i] if t == 1 and self.calls else self.plain[i]
             x = _rms_norm(layer.input_layernorm, h)
             q, k, v = (y.view(b, t, -1, self.head_dim) for y in qkv(x))
             if hasattr(attention, "q_norm"):  # Qwen3: RMSNorm over each head

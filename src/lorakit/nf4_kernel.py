@@ -327,17 +327,15 @@ def bf16_matmul(x: Tensor, weight: Tensor) -> Tensor:
     return y
 
 
+def _bf16_cpu(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     """LlamaRMSNorm of bf16 x with a bf16 weight in one call (float32 inside, rounded back to
     bf16, times the weight), or None where it does not apply (other dtypes, no library)."""
     lib = library()
-    if (
-        lib is None
-        or x.dtype != torch.bfloat16
-        or weight.dtype != torch.bfloat16
-        or x.device.type != "cpu"
-        or weight.shape != x.shape[-1:]
-    ):
+    if lib is None or not _bf16_cpu(x, weight) or weight.shape != x.shape[-1:]:
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty_like(x)
@@ -357,10 +355,7 @@ def decode_attention(
     if (
         lib is None
         or one != 1
-        or q.dtype != torch.bfloat16
-        or keys.dtype != torch.bfloat16
-        or values.dtype != torch.bfloat16
-        or q.device.type != "cpu"
+        or not _bf16_cpu(q, keys, values)
         or d % 32
         or not (keys.is_contiguous() and values.is_contiguous())
         or (mask is not None and (mask.dtype != torch.bool or mask.stride(-1) != 1))
@@ -385,10 +380,6 @@ def decode_attention(
         torch.get_num_threads(),
     )
     return out if status == 0 else None
-
-
-def _bf16_cpu(*tensors: Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
 
 
 def rope_cache(

@@ -44,7 +44,6 @@ class _NF4Matmul(torch.autograd.Function):
         state: NF4State,
         dtype: torch.dtype,
         cached: Tensor | None = None,
-        kernel: nf4_kernel.KernelWeight | None = None,
     ) -> Tensor:
         # Save the 4-bit tensors, not the dequantized weight (~4x bigger in bf16, ~8x in fp32).
         # Going through save_for_backward lets autograd check they are not modified in place
@@ -52,19 +51,19 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.save_for_backward(state.packed, state.absmax, state.absmax_scale, state.absmax_code)
         # A weight already dequantized for the whole run (`dequantized_weights`) is reused as it
         # is, in backward too: it lives anyway, so referencing it costs nothing.
-        ctx.state, ctx.x_dtype, ctx.cached, ctx.kernel = state, x.dtype, cached, kernel
+        ctx.state, ctx.x_dtype, ctx.cached = state, x.dtype, cached
         # Autocast must not re-cast what we already put in the compute dtype.
         with torch.autocast(x.device.type, enabled=False):
-            weight = cached if cached is not None else _dequantize(state, dtype, kernel)
+            weight = cached if cached is not None else dequantize_nf4(state, dtype)
             return F.linear(x.to(dtype), weight)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None
         if ctx.cached is not None and ctx.cached.dtype == grad_out.dtype:
             with torch.autocast(grad_out.device.type, enabled=False):
-                return (grad_out @ ctx.cached).to(ctx.x_dtype), None, None, None, None
+                return (grad_out @ ctx.cached).to(ctx.x_dtype), None, None, None
         packed, absmax, absmax_scale, absmax_code = ctx.saved_tensors
         state = dataclasses.replace(
             ctx.state,
@@ -74,9 +73,9 @@ class _NF4Matmul(torch.autograd.Function):
             absmax_code=absmax_code,
         )
         with torch.autocast(grad_out.device.type, enabled=False):
-            weight = _dequantize(state, grad_out.dtype, ctx.kernel)  # (out, in)
+            weight = dequantize_nf4(state, grad_out.dtype)  # (out, in)
             grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
-        return grad_x.to(ctx.x_dtype), None, None, None, None
+        return grad_x.to(ctx.x_dtype), None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -141,8 +140,14 @@ class NF4Linear(nn.Module):
         )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The (out, in) weight in ``dtype`` (default: the dtype it was quantized from)."""
-        return _dequantize(self.state, dtype or self.weight_dtype, self._kernel(self.packed.device))
+        """The (out, in) weight in ``dtype`` (default: the dtype it was quantized from); from
+        the compiled kernel where it runs (CPU, float32 or bf16: 10x+ faster than PyTorch's
+        gathers, the same values), else from dequantize_nf4."""
+        dtype = dtype or self.weight_dtype
+        kernel = self._kernel(self.packed.device)
+        if kernel is not None and (weight := kernel.dequantize(dtype)) is not None:
+            return weight
+        return dequantize_nf4(self.state, dtype)
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
         device = x.device.type
@@ -155,12 +160,14 @@ class NF4Linear(nn.Module):
             cached = None
         if cached is not None and not (torch.is_grad_enabled() and x.requires_grad):
             y = F.linear(x.to(dtype), cached)  # decoding: the weight dequantized once
+        elif torch.is_grad_enabled():
+            y = _NF4Matmul.apply(x, self.state, dtype, cached)
         elif (y := self.decode(x)) is None:
-            # Compiled dequantization for no-grad passes (prompts) only: in training at 1.1B
-            # without the weight cache it raised the step's peak RSS by ~0.7 GB for a speed
-            # within noise (bench/train_throughput.py --random-1b, BENCHMARKS.md).
-            kernel = None if torch.is_grad_enabled() else self._kernel(x.device)
-            y = _NF4Matmul.apply(x, self.state, dtype, cached, kernel)
+            # No grad, more rows than a decoding step: the compiled dequantization. Not in
+            # training: at 1.1B without the weight cache it raised the step's peak RSS by
+            # ~0.7 GB for a speed within noise (bench/train_throughput.py --random-1b).
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(x.to(dtype), self.dequantized_weight(dtype))
         # Added outside the autograd function so that a bias made trainable gets its gradient.
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -222,14 +229,6 @@ class KernelCall:
     def __call__(self, x: Tensor) -> Tensor:
         y = self.kernel(x, self.layer._compute_dtype(x), self.lora)
         return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-def _dequantize(state: NF4State, dtype: torch.dtype, kernel: nf4_kernel.KernelWeight | None):
-    """dequantize_nf4's values, from the compiled kernel where it is prepared for this weight
-    (CPU, float32 or bf16: 10x+ faster than PyTorch's gathers), else from dequantize_nf4."""
-    if kernel is not None and (weight := kernel.dequantize(dtype)) is not None:
-        return weight
-    return dequantize_nf4(state, dtype)
 
 
 def decodes_from_codes(model: nn.Module, device: torch.device) -> bool:
