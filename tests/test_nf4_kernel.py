@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorakit import nf4_kernel, qlinear
-from lorakit.nf4 import NF4_CODE, block_absmax, dequantize_nf4, quantize_nf4
+from lorakit.nf4 import dequantize_nf4, quantize_nf4
 from lorakit.qlinear import NF4Linear
 
 needs_kernel = pytest.mark.skipif(
@@ -42,21 +42,19 @@ def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows, n_i
 
 @needs_kernel
 @pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("rows", [1, 8, 11])
-def test_bf16_products_are_exact_products_of_the_bf16_rounded_codes(blocksize, rows):
-    """With bf16 activations the products run in bf16 where the CPU has AVX512-BF16 (float32
-    elsewhere): each code rounded to bf16, times x,
-    summed in float32, times the block's scale: only the float32 sums and the bf16 result may
-    differ from that (a lane paired with the wrong element of x would be far off)."""
-    g = torch.Generator().manual_seed(blocksize + rows)
-    state = quantize_nf4(torch.randn(80, 1280, generator=g) * 0.05, blocksize, True)
-    packed = state.packed.reshape(80, 640).long()
-    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(80, 1280)  # high nibble first
-    code = torch.tensor(NF4_CODE)
-    values = (code.bfloat16() if nf4_kernel.bf16_products() else code).double()[codes]
-    scales = block_absmax(state).double().reshape(80, -1).repeat_interleave(blocksize, dim=1)
+@pytest.mark.parametrize("rows", [1, 2, 8, 11])  # 1 and 2 outputs at a time; 8 rows, then 3
+@pytest.mark.parametrize("n_out", [80, 81])  # 81: a tile ends in a single output
+def test_bf16_products_are_exact_products_of_the_bf16_dequantized_weight(blocksize, rows, n_out):
+    """With bf16 activations the products run in bf16 where the CPU has AVX512-BF16: each weight
+    is its bf16 dequantized value (code * scale in float32, rounded once: dequantize_nf4's bits),
+    times x, summed in float32 (float32 products elsewhere). Only the float32 sums and the bf16
+    result may differ from that; a lane paired with the wrong element of x, a scale of the
+    wrong block or output, or a code rounded before its scale would be off by more."""
+    g = torch.Generator().manual_seed(blocksize + rows + n_out)
+    state = quantize_nf4(torch.randn(n_out, 1280, generator=g) * 0.05, blocksize, True)
+    weight = dequantize_nf4(state, torch.bfloat16 if nf4_kernel.bf16_products() else torch.float64)
     x = torch.randn(rows, 1280, generator=g).bfloat16()
-    exact = x.double() @ (values * scales).T
+    exact = x.double() @ weight.double().T
     got = nf4_kernel.nf4_matmul(x, state, torch.bfloat16)
     torch.testing.assert_close(got.double(), exact.bfloat16().double(), rtol=1e-2, atol=1e-4)
     assert (got.double() - exact).abs().max() < 5e-3 * exact.abs().max()  # bf16 rounding

@@ -150,34 +150,41 @@ static inline __attribute__((always_inline)) void dot_rows(
 }
 
 #if HAVE_BF16
-/* The same in bf16 products: 64 codes (32 bytes) widened to 16-bit indices, looked up as bf16
- * with one vpermw per nibble, one vdpbf16ps per nibble and row (32 multiply-adds each). Lane i
- * of the high nibbles pairs elements 4i and 4i+2, of the low ones 4i+1 and 4i+3: xh holds each
- * row's chunk in that order (see permute_bf16). */
+/* The same in bf16 products, for `outs` (1 or 2) output features at once, their packed rows
+ * `row_bytes` apart and their scales `scale_stride` apart: each block's 16 NF4 values times its
+ * scale, rounded to bf16 (the bf16 dequantized weight, bit for bit), become the lookup table of
+ * one vpermw per nibble of 64 codes; then one vdpbf16ps per nibble, row and output. Lane i of
+ * the high nibbles pairs elements 4i and 4i+2, of the low ones 4i+1 and 4i+3: xh holds each
+ * row's chunk in that order (see lk_nf4_matmul). Two outputs share each load of x. */
 static inline __attribute__((always_inline)) void dot_rows_bf16(
-    const int rows, const uint8_t* packed, __m512i lut, int64_t k0, int64_t k1, int64_t bs,
-    const float* scales, const uint16_t* xh, int64_t stride, float* y, int64_t y_stride) {
-    __m512 acc[MAX_ROWS];
-    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t start = k0; start < k1; start += bs) {
-        __m512 part[MAX_ROWS];
-        for (int r = 0; r < rows; r++) part[r] = _mm512_setzero_ps();
-        for (int64_t c = start; c < start + bs; c += CHUNK16) {
-            __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(packed + c / 2)));
-            __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
-            __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(
-                _mm512_and_si512(v, _mm512_set1_epi16(15)), lut);
-            const uint16_t* xc = xh + c / CHUNK16 * stride;
-            for (int r = 0; r < rows; r++) {
-                const uint16_t* xr = xc + r * CHUNK16;
-                part[r] = _mm512_dpbf16_ps(part[r], hi, (__m512bh)_mm512_loadu_si512(xr));
-                part[r] = _mm512_dpbf16_ps(part[r], lo, (__m512bh)_mm512_loadu_si512(xr + 32));
+    const int rows, const int outs, const uint8_t* packed, int64_t row_bytes, __m512 code,
+    int64_t k0, int64_t k1, int64_t bs, const float* scales, int64_t scale_stride,
+    const uint16_t* xh, int64_t stride, float* y, int64_t y_stride) {
+    __m512 acc[2][MAX_ROWS];
+    for (int j = 0; j < outs; j++)
+        for (int r = 0; r < rows; r++) acc[j][r] = _mm512_setzero_ps();
+    for (int64_t c = k0; c < k1; c += CHUNK16) {
+        __m512bh hi[2], lo[2];
+        for (int j = 0; j < outs; j++) {
+            const __m512 scaled = _mm512_mul_ps(code, _mm512_set1_ps(scales[j * scale_stride + c / bs]));
+            const __m512i lut = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(scaled));
+            const __m512i v = _mm512_cvtepu8_epi16(
+                _mm256_loadu_si256((const __m256i*)(packed + j * row_bytes + c / 2)));
+            hi[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), lut);
+            lo[j] = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), lut);
+        }
+        const uint16_t* xc = xh + c / CHUNK16 * stride;
+        for (int r = 0; r < rows; r++) {
+            const __m512bh xa = (__m512bh)_mm512_loadu_si512(xc + r * CHUNK16);
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512(xc + r * CHUNK16 + 32);
+            for (int j = 0; j < outs; j++) {
+                acc[j][r] = _mm512_dpbf16_ps(acc[j][r], hi[j], xa);
+                acc[j][r] = _mm512_dpbf16_ps(acc[j][r], lo[j], xb);
             }
         }
-        __m512 s = _mm512_set1_ps(scales[start / bs]);
-        for (int r = 0; r < rows; r++) acc[r] = _mm512_fmadd_ps(part[r], s, acc[r]);
     }
-    for (int r = 0; r < rows; r++) y[r * y_stride] += _mm512_reduce_add_ps(acc[r]);
+    for (int j = 0; j < outs; j++)
+        for (int r = 0; r < rows; r++) y[r * y_stride + j] += _mm512_reduce_add_ps(acc[j][r]);
 }
 #endif
 
@@ -232,70 +239,94 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
 #if LANES
     const int64_t n_out = w->n_out, n_in = w->n_in, bs = w->bs;
     if (bs % CHUNK || n_in % bs || batch < 1) return -1;
-    const int bf16 = HAVE_BF16 && bf16_products && bs % CHUNK16 == 0;
+    const int bf16 = HAVE_BF16 && bf16_products && x_bf16 && bs % CHUNK16 == 0;
     const int64_t chunk = bf16 ? CHUNK16 : CHUNK;
-    float* xf = as_float(x, x_bf16, batch * n_in);
+    const int need_xf = !bf16 || lora_a; /* float32 x: for float32 products, for the adapter */
+    float* xf = need_xf ? as_float(x, x_bf16, batch * n_in) : NULL;
     float* y = y_bf16 ? malloc(sizeof(float) * batch * n_out) : out;
     /* x chunk by chunk, every row's copy of a chunk side by side (rows' loads then stay close
      * together), in the order the products take it */
     void* xp = malloc((bf16 ? 2 : 4) * batch * n_in);
-    if (!xf || !y || !xp) {
+    if ((need_xf && !xf) || !y || !xp) {
         free(xf);
         free(xp);
         if (y != out) free(y);
         return -1;
     }
+#if HAVE_BF16
+    /* bf16: the high nibbles' pairs (4i, 4i+2), then the low ones' (4i+1, 4i+3); order16[k] is
+     * the element of the chunk that goes to place k */
+    uint16_t order16[CHUNK16];
+    for (int i = 0; i < 16; i++) {
+        order16[2 * i] = 4 * i, order16[2 * i + 1] = 4 * i + 2;
+        order16[32 + 2 * i] = 4 * i + 1, order16[33 + 2 * i] = 4 * i + 3;
+    }
+    const __m512i high = _mm512_loadu_si512(order16), low = _mm512_loadu_si512(order16 + 32);
+#endif
     for (int64_t r = 0; r < batch; r++)
         for (int64_t c = 0; c < n_in; c += chunk) {
-            const float* src = xf + r * n_in + c;
-            if (bf16) { /* the high nibbles' pairs (4i, 4i+2), then the low ones' (4i+1, 4i+3) */
+#if HAVE_BF16
+            if (bf16) {
+                const uint16_t* src = (const uint16_t*)x + r * n_in + c;
                 uint16_t* dst = (uint16_t*)xp + c / chunk * batch * chunk + r * chunk;
-                for (int i = 0; i < 16; i++) {
-                    dst[2 * i] = float_to_bf16(src[4 * i]);
-                    dst[2 * i + 1] = float_to_bf16(src[4 * i + 2]);
-                    dst[32 + 2 * i] = float_to_bf16(src[4 * i + 1]);
-                    dst[32 + 2 * i + 1] = float_to_bf16(src[4 * i + 3]);
-                }
-            } else { /* decode()'s order: even elements, then odd ones */
-                float* dst = (float*)xp + c / chunk * batch * chunk + r * chunk;
-                for (int k = 0; k < LANES; k++) {
-                    dst[k] = src[2 * k];
-                    dst[LANES + k] = src[2 * k + 1];
-                }
+                const __m512i a = _mm512_loadu_si512(src), b = _mm512_loadu_si512(src + 32);
+                _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(a, high, b));
+                _mm512_storeu_si512(dst + 32, _mm512_permutex2var_epi16(a, low, b));
+                continue;
+            }
+#endif
+            /* float32: decode()'s order, even elements, then odd ones */
+            const float* src = xf + r * n_in + c;
+            float* dst = (float*)xp + c / chunk * batch * chunk + r * chunk;
+            for (int k = 0; k < LANES; k++) {
+                dst[k] = src[2 * k];
+                dst[LANES + k] = src[2 * k + 1];
             }
         }
 #if HAVE_BF16
-    uint16_t lut16[32] = {0};
-    for (int i = 0; i < 16; i++) lut16[i] = float_to_bf16(w->code[i]);
-    const __m512i lut = _mm512_loadu_si512((const void*)lut16);
+    const __m512 code = _mm512_loadu_ps(w->code);
 #endif
-    /* Tiles: OUT_TILE outputs at a time over IN_TILE inputs, so that the rows' x of a tile
-     * (8 x IN_TILE values) stays in L1 across the outputs instead of streaming from L2. */
-    const int64_t in_tile = batch * n_in * 4 <= L1_BYTES ? n_in : (IN_TILE + bs - 1) / bs * bs;
-    const int64_t n_tiles = (n_out + OUT_TILE - 1) / OUT_TILE;
+    /* Tiles: up to OUT_TILE outputs (an even number: the bf16 products take two at a time), as
+     * many tiles for each thread, over IN_TILE inputs unless the rows' x fits in L1, so that the
+     * x of a tile stays in L1 across the outputs instead of streaming from L2. */
+    const int64_t in_tile =
+        batch * n_in * (bf16 ? 2 : 4) <= L1_BYTES ? n_in : (IN_TILE + bs - 1) / bs * bs;
+    const int64_t per_thread = (n_out + threads * OUT_TILE - 1) / (threads * OUT_TILE);
+    const int64_t out_tile = ((n_out + threads * per_thread - 1) / (threads * per_thread) + 1) / 2 * 2;
+    const int64_t n_tiles = (n_out + out_tile - 1) / out_tile;
     const int64_t st = batch * chunk;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t tile = 0; tile < n_tiles; tile++) {
-        const int64_t o0 = tile * OUT_TILE;
-        const int64_t o1 = o0 + OUT_TILE < n_out ? o0 + OUT_TILE : n_out;
+        const int64_t o0 = tile * out_tile;
+        const int64_t o1 = o0 + out_tile < n_out ? o0 + out_tile : n_out;
         for (int64_t r = 0; r < batch; r++)
             for (int64_t o = o0; o < o1; o++) y[r * n_out + o] = 0.0f;
         for (int64_t k0 = 0; k0 < n_in; k0 += in_tile) {
             const int64_t k1 = k0 + in_tile < n_in ? k0 + in_tile : n_in;
+#if HAVE_BF16
+            if (bf16) {
+                for (int64_t o = o0; o < o1; o += 2) {
+                    const uint8_t* row = w->packed + o * n_in / 2;
+                    const float* row_scales = w->scales + o * (n_in / bs);
+                    for (int64_t b = 0; b < batch; b += MAX_ROWS) {
+                        float* yb = y + b * n_out + o;
+                        const int n = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
+                        const uint16_t* xb = (const uint16_t*)xp + b * chunk;
+#define DOT16_OUTS(n, outs) \
+    dot_rows_bf16(n, outs, row, n_in / 2, code, k0, k1, bs, row_scales, n_in / bs, xb, st, yb, n_out)
+#define DOT16(n) (o + 1 < o1 ? DOT16_OUTS(n, 2) : DOT16_OUTS(n, 1))
+                        switch (n) { ROW_CASES(DOT16) }
+                    }
+                }
+                continue;
+            }
+#endif
             for (int64_t o = o0; o < o1; o++) {
                 const uint8_t* row = w->packed + o * n_in / 2;
                 const float* row_scales = w->scales + o * (n_in / bs);
                 for (int64_t b = 0; b < batch; b += MAX_ROWS) {
                     float* yb = y + b * n_out + o;
                     const int n = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
-#if HAVE_BF16
-                    if (bf16) {
-                        const uint16_t* xb = (const uint16_t*)xp + b * chunk;
-#define DOT16(n) dot_rows_bf16(n, row, lut, k0, k1, bs, row_scales, xb, st, yb, n_out)
-                        switch (n) { ROW_CASES(DOT16) }
-                        continue;
-                    }
-#endif
                     const float* xb = (const float*)xp + b * chunk;
 #define DOT(n) dot_rows(n, row, w->code, k0, k1, bs, row_scales, xb, st, yb, n_out)
                     switch (n) { ROW_CASES(DOT) }
