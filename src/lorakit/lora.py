@@ -139,7 +139,7 @@ class LoRALinear(nn.Module):
         a, b = self.lora_A[unmerged[0]].weight, self.lora_B[unmerged[0]].weight
         if a.dtype != torch.float32 or b.dtype != torch.float32:
             return None
-        return base.decode_call((a.contiguous(), b.contiguous(), self.scaling[unmerged[0]]))
+        return base.decode_call((a.contiguous(), b.t().contiguous(), self.scaling[unmerged[0]]))
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each batch row gets its own adapter (or none): group rows by adapter, one matmul each."""

@@ -27,7 +27,7 @@ from lorakit.nf4 import NF4_CODE, NF4State, block_absmax
 SOURCE = Path(__file__).with_name("nf4_matmul.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _CODE = torch.tensor(NF4_CODE, dtype=torch.float32)
-LoRA = tuple[Tensor, Tensor, float]  # A (rank, in), B (out, rank), scale
+LoRA = tuple[Tensor, Tensor, float]  # A (rank, in), B transposed (rank, out), scale
 
 
 def cache_dir() -> Path:
@@ -183,7 +183,7 @@ class KernelWeight:
 
     def __call__(self, x: Tensor, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor:
         """x (..., in) @ W.T -> (..., out) in `dtype`, accumulated in float32; plus
-        scale * (x @ A.T) @ B.T for `lora` = (A, B, scale), float32 contiguous A and B."""
+        scale * (x @ A.T) @ B.T for `lora` = (A, B.T, scale), float32 contiguous A and B.T."""
         n_out, n_in = self.shape
         rows = _activations(x, n_in)
         y = torch.empty(*x.shape[:-1], n_out, dtype=_out_dtype(dtype))
@@ -192,7 +192,7 @@ class KernelWeight:
         if lora is not None:
             a, b, scale = lora
             assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
-            assert a.shape == (b.shape[1], n_in) and b.shape[0] == n_out
+            assert a.shape[1] == n_in and b.shape == (a.shape[0], n_out)
             a, b, rank = a.data_ptr(), b.data_ptr(), a.shape[0]
         status = self.call(
             self.ref,

@@ -11,10 +11,10 @@
  * elements; blocks of bs elements along a row (n_in % bs == 0, bs % 32 == 0), each with one
  * float32 scale (double quantization already undone by the caller). x: (batch, n_in), float32
  * or bf16 (x_bf16); y: (batch, n_out), float32 or bf16 (y_bf16, rounded to nearest even).
- * With lora_a (rank, n_in) and lora_b (n_out, rank), float32, an adapter is added in the same
- * call: y += s * (x @ A.T) @ B.T. bf16_products says the caller computes in bf16: where the CPU
- * has AVX512-BF16 the products then run in bf16 with float32 sums (the codes and x rounded to
- * bf16, as a bf16 copy of the weight would round them).
+ * With lora_a (rank, n_in) and lora_bt (rank, n_out: B transposed), float32, an adapter is added
+ * in the same call: y += s * (x @ A.T) @ B.T. bf16_products says the caller computes in bf16:
+ * where the CPU has AVX512-BF16 and x is bf16 the products then run in bf16 with float32 sums,
+ * the weight being its bf16 dequantized copy's values (code * scale rounded once).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -34,6 +34,7 @@ typedef struct { /* one NF4 weight, prepared once by nf4_kernel.KernelWeight */
 typedef __m512 vec;
 #define vzero() _mm512_setzero_ps()
 #define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vset1(s) _mm512_set1_ps(s)
 #define vsum(v) _mm512_reduce_add_ps(v)
@@ -56,6 +57,7 @@ static inline void widen(const uint16_t* p, vec* a, vec* b) {
 typedef __m256 vec;
 #define vzero() _mm256_setzero_ps()
 #define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vset1(s) _mm256_set1_ps(s)
 static inline float vsum(__m256 v) {
@@ -198,16 +200,38 @@ static inline float dot(const float* a, const float* b, int64_t n) {
     return sum;
 }
 
-/* y += s * (x @ A.T) @ B.T: a rank-r adapter, two small matmuls. */
-static int add_lora(const float* a, const float* b, int64_t rank, float s, const float* x,
-                    int64_t batch, int64_t n_in, float* y, int64_t n_out, int threads) {
+/* y += s * (x @ A.T) @ B.T: a rank-r adapter, A (rank, n_in), B given transposed (rank, n_out)
+ * so that its products run along the outputs. Small next to the layer: one thread. */
+static int add_lora(const float* a, const float* bt, int64_t rank, float s, const float* x,
+                    int64_t batch, int64_t n_in, float* y, int64_t n_out) {
     float* t = malloc(sizeof(float) * batch * rank);
     if (!t) return -1;
-    for (int64_t r = 0; r < batch; r++)
-        for (int64_t k = 0; k < rank; k++) t[r * rank + k] = s * dot(a + k * n_in, x + r * n_in, n_in);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < n_out; o++)
-        for (int64_t r = 0; r < batch; r++) y[r * n_out + o] += dot(t + r * rank, b + o * rank, rank);
+    for (int64_t r = 0; r < batch; r++) { /* n_in % LANES == 0 (whole NF4 blocks) */
+        const float* xr = x + r * n_in;
+        int64_t k = 0;
+        for (; k + 8 <= rank; k += 8) { /* eight sums side by side: one alone waits on its fmas */
+            vec acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = vzero();
+            for (int64_t i = 0; i < n_in; i += LANES) {
+                const vec xv = vload(xr + i);
+                for (int j = 0; j < 8; j++) acc[j] = vfma(vload(a + (k + j) * n_in + i), xv, acc[j]);
+            }
+            for (int j = 0; j < 8; j++) t[r * rank + k + j] = s * vsum(acc[j]);
+        }
+        for (; k < rank; k++) t[r * rank + k] = s * dot(a + k * n_in, xr, n_in);
+    }
+    for (int64_t r = 0; r < batch; r++) {
+        const float* tr = t + r * rank;
+        float* yr = y + r * n_out;
+        int64_t o = 0;
+        for (; o + LANES <= n_out; o += LANES) {
+            vec acc = vload(yr + o);
+            for (int64_t k = 0; k < rank; k++) acc = vfma(vset1(tr[k]), vload(bt + k * n_out + o), acc);
+            vstore(yr + o, acc);
+        }
+        for (; o < n_out; o++)
+            for (int64_t k = 0; k < rank; k++) yr[o] += tr[k] * bt[k * n_out + o];
+    }
     free(t);
     return 0;
 }
@@ -234,7 +258,7 @@ int lk_nf4_bf16(void) { return 0; }
 
 /* Returns 0 on success, -1 if this build cannot run it (no SIMD, bad shape, no memory). */
 int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch, void* out,
-                  int y_bf16, int threads, const float* lora_a, const float* lora_b,
+                  int y_bf16, int threads, const float* lora_a, const float* lora_bt,
                   int64_t rank, float lora_scale, int bf16_products) {
 #if LANES
     const int64_t n_out = w->n_out, n_in = w->n_in, bs = w->bs;
@@ -336,7 +360,7 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
     }
     int status = 0;
     if (lora_a)
-        status = add_lora(lora_a, lora_b, rank, lora_scale, xf, batch, n_in, y, n_out, threads);
+        status = add_lora(lora_a, lora_bt, rank, lora_scale, xf, batch, n_in, y, n_out);
     store(y, out, y_bf16, batch * n_out);
     free(xf);
     free(xp);
@@ -352,11 +376,11 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
  * the caller's, in Python. */
 int lk_nf4_matmul_n(int64_t n, const nf4_weight* const* ws, const void* x, int x_bf16,
                     int64_t batch, void* const* outs, int y_bf16, int threads,
-                    const float* const* lora_a, const float* const* lora_b, const int64_t* ranks,
+                    const float* const* lora_a, const float* const* lora_bt, const int64_t* ranks,
                     const float* lora_scales, int bf16_products) {
     for (int64_t i = 0; i < n; i++) {
         const int status = lk_nf4_matmul(ws[i], x, x_bf16, batch, outs[i], y_bf16, threads,
-                                         lora_a[i], lora_b[i], ranks[i], lora_scales[i],
+                                         lora_a[i], lora_bt[i], ranks[i], lora_scales[i],
                                          bf16_products);
         if (status) return status;
     }
