@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
+from lorakit import nf4_kernel
 from lorakit.loss import LinearCrossEntropy, causal_lm_loss
 
 
@@ -48,3 +49,40 @@ def test_causal_lm_loss_equals_transformers_loss_and_gradients():
     assert n == 2 * (12 - 4)
     torch.testing.assert_close(total / n, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-6)
+
+
+needs_kernel = pytest.mark.skipif(
+    nf4_kernel.library() is None, reason="no C compiler or no AVX2 on this machine"
+)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [1000, 4096, 4103])  # 1000, 4103: a tail after whole vectors
+def test_compiled_cross_entropy_equals_pytorchs(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(37, vocab, generator=g) * 4).bfloat16()
+    labels = torch.randint(0, vocab, (37,), generator=g)
+    losses, grad = nf4_kernel.cross_entropy(logits, labels, with_grad=True)
+    ref = F.cross_entropy(logits.float(), labels, reduction="none")
+    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
+    exact = torch.softmax(logits.float(), dim=-1) - F.one_hot(labels, vocab).float()
+    assert grad.dtype == torch.bfloat16
+    torch.testing.assert_close(grad.float(), exact, rtol=2**-7, atol=1e-7)  # bf16 rounding
+    assert nf4_kernel.cross_entropy(logits, labels, with_grad=False)[1] is None
+    assert nf4_kernel.cross_entropy(logits, torch.full_like(labels, vocab), True) is None
+    assert nf4_kernel.cross_entropy(logits.float(), labels, True) is None  # bf16 only
+
+
+@needs_kernel
+def test_bf16_chunked_loss_through_the_compiled_kernel_equals_pytorchs_path(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(70, 64, generator=g)).bfloat16().requires_grad_(True)
+    weight = (torch.randn(512, 64, generator=g) * 0.2).bfloat16()
+    labels = torch.randint(0, 512, (70,), generator=g)
+    ours = LinearCrossEntropy.apply(hidden, weight, labels, 32, 0.0)
+    (grad_ours,) = torch.autograd.grad(ours, hidden)
+    monkeypatch.setattr(nf4_kernel, "cross_entropy", lambda *args: None)
+    ref = LinearCrossEntropy.apply(hidden, weight, labels, 32, 0.0)
+    (grad_ref,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_ours.float(), grad_ref.float(), rtol=2e-2, atol=1e-3)

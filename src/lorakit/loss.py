@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import nf4_kernel
 from lorakit.attention import attends_by_example, segments_of
 
 # Labelled tokens per chunk: each chunk's fp32 logits (and their bf16 copy) are the loss's whole
@@ -35,7 +36,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, labels.numel(), chunk):
             h, y = hidden[i : i + chunk], labels[i : i + chunk]
-            logits = F.linear(h, weight).float()  # (n, V): one chunk at a time, then freed
+            logits = F.linear(h, weight)  # (n, V): one chunk at a time, then freed
+            fused = None if softcap else nf4_kernel.cross_entropy(logits, y, needs_grad)
+            if fused is not None:  # bf16 logits on CPU: one compiled pass, no float32 copy
+                losses, probs = fused
+                total += losses.sum()
+                if probs is not None:
+                    grad[i : i + chunk] = probs @ weight.to(h.dtype)
+                continue
+            logits = logits.float()
             if softcap:
                 tanh = torch.tanh(logits / softcap)
                 logits = softcap * tanh

@@ -139,6 +139,9 @@ def library() -> ctypes.CDLL | None:
     lib.lk_rope_cache.restype = i32
     lib.lk_argmax_bf16.argtypes = [ptr, i64, i64, ptr]  # x, rows, n, out (int64)
     lib.lk_argmax_bf16.restype = i32
+    # logits, rows, n, labels (int64), loss per row (float32), gradient (bf16) or None, threads
+    lib.lk_cross_entropy_bf16.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32]
+    lib.lk_cross_entropy_bf16.restype = i32
     return lib
 
 
@@ -435,3 +438,33 @@ def argmax(logits: Tensor) -> Tensor | None:
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     lib.lk_argmax_bf16(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
     return out
+
+
+def cross_entropy(
+    logits: Tensor, labels: Tensor, with_grad: bool
+) -> tuple[Tensor, Tensor | None] | None:
+    """(n, V) bf16 logits, (n,) labels -> (each row's cross-entropy in float32, and where
+    `with_grad` softmax - onehot in bf16: the summed loss's gradient with respect to the
+    logits), the float32 arithmetic of PyTorch's path over a float32 copy. None where it does
+    not apply (other dtypes, no library, a label out of range: PyTorch's path reports it)."""
+    lib = library()
+    if (
+        lib is None
+        or not _bf16_cpu(logits)
+        or logits.dim() != 2
+        or labels.shape != logits.shape[:1]
+    ):
+        return None
+    logits, labels = logits.contiguous(), labels.to(torch.int64).contiguous()
+    loss = torch.empty(logits.shape[0], dtype=torch.float32)
+    grad = torch.empty_like(logits) if with_grad else None
+    status = lib.lk_cross_entropy_bf16(
+        logits.data_ptr(),
+        logits.shape[0],
+        logits.shape[1],
+        labels.data_ptr(),
+        loss.data_ptr(),
+        grad.data_ptr() if grad is not None else None,
+        torch.get_num_threads(),
+    )
+    return (loss, grad) if status == 0 else None
