@@ -4,7 +4,9 @@ Only positions that carry a label are projected to the vocabulary, a chunk at a 
 frozen output head (always, with LoRA) `LinearCrossEntropy` computes each chunk's loss and its
 gradient with respect to the hidden states in the same pass and keeps only that gradient
 (n x hidden), never logits: for SmolLM2's 49k vocabulary and 2k tokens the fp32 logits alone
-would be 400 MB, and a checkpointed loss would compute them twice.
+would be 400 MB, and a checkpointed loss would compute them twice. On CPU with bf16 logits a
+chunk's softmax cross-entropy and its gradient run in one compiled pass
+(`nf4_kernel.cross_entropy`) instead of PyTorch's float32 copy and five passes over it.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ at first use with the system C compiler into the user cache (`$LORAKIT_CACHE`, e
 `~/.cache/lorakit`) and loaded with ctypes: no build step at install, no PyTorch headers. Where
 it cannot run (no C compiler, a CPU without AVX2, a shape it does not take, a GPU tensor)
 `supports` says False and callers keep the PyTorch path. `LORAKIT_NF4_KERNEL=0` turns it off.
+The same library holds the rest of a bf16 decoding step (RMSNorm, rotary embedding with the
+KV cache write, one query's attention, greedy argmax) and the training loss's softmax
+cross-entropy over bf16 logits.
 """
 
 from __future__ import annotations

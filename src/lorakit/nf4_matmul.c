@@ -1,7 +1,7 @@
 /* y = x @ W.T with W in NF4 (lorakit.nf4's layout), read straight from its 4-bit codes; and
  * y = x @ W.T with W in bf16, for the output head. Then the rest of a bf16 decoding step that
  * PyTorch spends many small operations on: RMSNorm, the rotary embedding with the KV cache
- * write, one query's attention, greedy argmax.
+ * write, one query's attention, greedy argmax. And the training loss's softmax cross-entropy.
  *
  * Decoding reads every weight once per new token: from the 4-bit codes that is a quarter of the
  * bytes a bf16 weight would be. Compiled at first use by lorakit/nf4_kernel.py with
