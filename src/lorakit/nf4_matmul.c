@@ -327,30 +327,22 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
             for (int64_t o = o0; o < o1; o++) y[r * n_out + o] = 0.0f;
         for (int64_t k0 = 0; k0 < n_in; k0 += in_tile) {
             const int64_t k1 = k0 + in_tile < n_in ? k0 + in_tile : n_in;
-#if HAVE_BF16
-            if (bf16) {
-                for (int64_t o = o0; o < o1; o += 2) {
-                    const uint8_t* row = w->packed + o * n_in / 2;
-                    const float* row_scales = w->scales + o * (n_in / bs);
-                    for (int64_t b = 0; b < batch; b += MAX_ROWS) {
-                        float* yb = y + b * n_out + o;
-                        const int n = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
-                        const uint16_t* xb = (const uint16_t*)xp + b * chunk;
-#define DOT16_OUTS(n, outs) \
-    dot_rows_bf16(n, outs, row, n_in / 2, code, k0, k1, bs, row_scales, n_in / bs, xb, st, yb, n_out)
-#define DOT16(n) (o + 1 < o1 ? DOT16_OUTS(n, 2) : DOT16_OUTS(n, 1))
-                        switch (n) { ROW_CASES(DOT16) }
-                    }
-                }
-                continue;
-            }
-#endif
-            for (int64_t o = o0; o < o1; o++) {
+            for (int64_t o = o0; o < o1; o += bf16 ? 2 : 1) { /* bf16: two outputs at a time */
                 const uint8_t* row = w->packed + o * n_in / 2;
                 const float* row_scales = w->scales + o * (n_in / bs);
                 for (int64_t b = 0; b < batch; b += MAX_ROWS) {
                     float* yb = y + b * n_out + o;
                     const int n = batch - b < MAX_ROWS ? batch - b : MAX_ROWS;
+#if HAVE_BF16
+                    if (bf16) {
+                        const uint16_t* xb = (const uint16_t*)xp + b * chunk;
+#define DOT16_OUTS(n, outs) \
+    dot_rows_bf16(n, outs, row, n_in / 2, code, k0, k1, bs, row_scales, n_in / bs, xb, st, yb, n_out)
+#define DOT16(n) (o + 1 < o1 ? DOT16_OUTS(n, 2) : DOT16_OUTS(n, 1))
+                        switch (n) { ROW_CASES(DOT16) }
+                        continue;
+                    }
+#endif
                     const float* xb = (const float*)xp + b * chunk;
 #define DOT(n) dot_rows(n, row, w->code, k0, k1, bs, row_scales, xb, st, yb, n_out)
                     switch (n) { ROW_CASES(DOT) }
