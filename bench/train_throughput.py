@@ -60,6 +60,8 @@ if args["side"] == "lorakit":
     attach_adapter(model, cfg)
     if args["packed_attention"]:
         enable_packed_attention(model)
+    from lorakit.norm import fuse_rms_norms
+    fuse_rms_norms(model)  # as lorakit train does
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)

@@ -132,6 +132,9 @@ def library() -> ctypes.CDLL | None:
     # x, rows, n, weight, eps, out
     lib.lk_rms_norm.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.lk_rms_norm.restype = i32
+    # dy, x, rows, n, weight, eps, dx
+    lib.lk_rms_norm_backward.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.lk_rms_norm_backward.restype = i32
     # q, batch, heads, kv heads, head dim, k, v, cache length, positions, mask, mask stride,
     # scale, out, threads
     lib.lk_decode_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]
@@ -348,6 +351,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     n = x.shape[-1]
     lib.lk_rms_norm(x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, out.data_ptr())
     return out
+
+
+def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """The gradient of `rms_norm(x, weight, eps)` with respect to x for the output's gradient
+    dy (the weight frozen), in one call; None where it does not apply."""
+    lib = library()
+    if lib is None or not _bf16_cpu(dy, x, weight) or dy.shape != x.shape:
+        return None
+    dy, x, weight = dy.contiguous(), x.contiguous(), weight.contiguous()
+    dx = torch.empty_like(x)
+    n = x.shape[-1]
+    lib.lk_rms_norm_backward(
+        dy.data_ptr(), x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, dx.data_ptr()
+    )
+    return dx
 
 
 def decode_attention(

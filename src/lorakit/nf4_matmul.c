@@ -38,6 +38,7 @@ typedef __m512 vec;
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vset1(s) _mm512_set1_ps(s)
 #define vsum(v) _mm512_reduce_add_ps(v)
+#define VOPS(op) _mm512_##op##_ps /* any other float32 operation */
 /* LANES bytes -> the values of their high and low nibbles */
 static inline void decode(const uint8_t* p, const float* code, vec* hi, vec* lo) {
     __m512 lut = _mm512_loadu_ps(code);
@@ -60,6 +61,7 @@ typedef __m256 vec;
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vset1(s) _mm256_set1_ps(s)
+#define VOPS(op) _mm256_##op##_ps
 static inline float vsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -466,22 +468,110 @@ int lk_bf16_matmul(const uint16_t* w, int64_t n_out, int64_t n_in, const void* x
 
 /* ---- the rest of a decoding step, for bf16 models: RMSNorm and one query's attention ---- */
 
+#if LANES
+/* float32 values rounded to the nearest even bf16 (float_to_bf16 for finite values), kept as
+ * float32; and stored as bf16 */
+#if LANES == 16
+static inline vec bf16_value(vec v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_castsi512_ps(_mm512_and_si512(up, _mm512_set1_epi32((int)0xffff0000u)));
+}
+static inline void store_bf16(uint16_t* p, vec v) { /* v already rounded */
+    _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+#else
+static inline vec bf16_value(vec v) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff)));
+    return _mm256_castsi256_ps(_mm256_and_si256(up, _mm256_set1_epi32((int)0xffff0000u)));
+}
+static inline void store_bf16(uint16_t* p, vec v) {
+    uint32_t bits[LANES];
+    _mm256_storeu_si256((__m256i*)bits, _mm256_castps_si256(v));
+    for (int k = 0; k < LANES; k++) p[k] = (uint16_t)(bits[k] >> 16);
+}
+#endif
+#endif
+
 /* out = w * bf16(x * rsqrt(mean(x^2) + eps)), rows of n bf16 values (LlamaRMSNorm: float32
- * inside, rounded back to bf16, times the bf16 weight and rounded again). */
+ * inside, rounded back to bf16, times the bf16 weight and rounded again). Rows in parallel
+ * when there are many (training); a decoding step's few stay on one thread. */
 int lk_rms_norm(const uint16_t* x, int64_t rows, int64_t n, const uint16_t* w, float eps,
                 uint16_t* out) {
 #if LANES
+    const int64_t whole = n / CHUNK * CHUNK;
+#pragma omp parallel for schedule(static) if (rows >= 64)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t* xr = x + r * n;
-        float sum = 0.0f;
-        for (int64_t i = 0; i < n; i++) {
-            float f = bf16_to_float(xr[i]);
-            sum += f * f;
+        uint16_t* yr = out + r * n;
+        vec s0 = vzero(), s1 = vzero(), a, b, wa, wb;
+        for (int64_t i = 0; i < whole; i += CHUNK) {
+            widen(xr + i, &a, &b);
+            s0 = vfma(a, a, s0);
+            s1 = vfma(b, b, s1);
         }
-        float scale = 1.0f / sqrtf(sum / (float)n + eps);
-        for (int64_t i = 0; i < n; i++) {
-            float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * scale));
-            out[r * n + i] = float_to_bf16(bf16_to_float(w[i]) * normed);
+        float sum = vsum(VOPS(add)(s0, s1));
+        for (int64_t i = whole; i < n; i++) sum += bf16_to_float(xr[i]) * bf16_to_float(xr[i]);
+        const float scale = 1.0f / sqrtf(sum / (float)n + eps);
+        for (int64_t i = 0; i < whole; i += CHUNK) {
+            widen(xr + i, &a, &b);
+            widen(w + i, &wa, &wb);
+            store_bf16(yr + i, bf16_value(VOPS(mul)(wa, bf16_value(VOPS(mul)(a, vset1(scale))))));
+            store_bf16(yr + i + LANES, bf16_value(VOPS(mul)(wb, bf16_value(VOPS(mul)(b, vset1(scale))))));
+        }
+        for (int64_t i = whole; i < n; i++) {
+            const float normed = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * scale));
+            yr[i] = float_to_bf16(bf16_to_float(w[i]) * normed);
+        }
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+/* lk_rms_norm's gradient with respect to x, the weight frozen (LoRA training): dy, x (rows of n
+ * bf16) -> dx (bf16). In float32 as autograd's pass over LlamaRMSNorm's operations: with
+ * g = bf16(dy * w) and r = 1 / sqrt(mean(x^2) + eps), dx = g r - x r^3 mean(g x). */
+int lk_rms_norm_backward(const uint16_t* dy, const uint16_t* x, int64_t rows, int64_t n,
+                         const uint16_t* w, float eps, uint16_t* dx) {
+#if LANES
+    const int64_t whole = n / CHUNK * CHUNK;
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n, *dyr = dy + r * n;
+        uint16_t* dxr = dx + r * n;
+        vec sq = vzero(), gx = vzero(), xa, xb, da, db, wa, wb;
+        for (int64_t i = 0; i < whole; i += CHUNK) {
+            widen(xr + i, &xa, &xb);
+            widen(dyr + i, &da, &db);
+            widen(w + i, &wa, &wb);
+            sq = vfma(xb, xb, vfma(xa, xa, sq));
+            gx = vfma(bf16_value(VOPS(mul)(db, wb)), xb, vfma(bf16_value(VOPS(mul)(da, wa)), xa, gx));
+        }
+        float squares = vsum(sq), dot = vsum(gx);
+        for (int64_t i = whole; i < n; i++) {
+            const float xi = bf16_to_float(xr[i]);
+            squares += xi * xi;
+            dot += bf16_to_float(float_to_bf16(bf16_to_float(dyr[i]) * bf16_to_float(w[i]))) * xi;
+        }
+        const float rs = 1.0f / sqrtf(squares / (float)n + eps);
+        const float c = rs * rs * rs * (dot / (float)n);
+        for (int64_t i = 0; i < whole; i += CHUNK) {
+            widen(xr + i, &xa, &xb);
+            widen(dyr + i, &da, &db);
+            widen(w + i, &wa, &wb);
+            const vec ga = bf16_value(VOPS(mul)(da, wa)), gb = bf16_value(VOPS(mul)(db, wb));
+            store_bf16(dxr + i, bf16_value(VOPS(sub)(VOPS(mul)(ga, vset1(rs)), VOPS(mul)(xa, vset1(c)))));
+            store_bf16(dxr + i + LANES,
+                       bf16_value(VOPS(sub)(VOPS(mul)(gb, vset1(rs)), VOPS(mul)(xb, vset1(c)))));
+        }
+        for (int64_t i = whole; i < n; i++) {
+            const float g = bf16_to_float(float_to_bf16(bf16_to_float(dyr[i]) * bf16_to_float(w[i])));
+            dxr[i] = float_to_bf16(g * rs - bf16_to_float(xr[i]) * c);
         }
     }
     return 0;
@@ -564,13 +654,11 @@ int lk_argmax_bf16(const uint16_t* x, int64_t rows, int64_t n, int64_t* out) {
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #define VSEEN(x, e) /* e where x is not -inf, else 0 */ \
     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset1(-INFINITY), _CMP_NEQ_OQ), e)
-#define VOPS(op) _mm512_##op##_ps
 #else
 #define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define VPOW2(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define VSEEN(x, e) _mm256_and_ps(_mm256_cmp_ps(x, vset1(-INFINITY), _CMP_NEQ_OQ), e)
-#define VOPS(op) _mm256_##op##_ps
 #endif
 static inline vec vexp(vec x) {
     x = VOPS(max)(VOPS(min)(x, vset1(88.0f)), vset1(-87.0f));

@@ -32,6 +32,7 @@ from lorakit.attention import enable_packed_attention
 from lorakit.errors import LorakitError
 from lorakit.lora import attach_lora, mark_only_lora_trainable
 from lorakit.loss import CHUNK, autocast, causal_lm_loss, evaluate
+from lorakit.norm import fuse_rms_norms
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 from lorakit.rundir import (
     count_lines,
@@ -341,6 +342,7 @@ def train(
     ]
     micro_size = micro_batch_size(cfg, device)
     enable_packed_attention(model)
+    fuse_rms_norms(model)
     if use_grad_checkpointing(cfg.grad_checkpointing, model, micro_size * cfg.seq_len):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
