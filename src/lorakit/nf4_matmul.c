@@ -469,8 +469,8 @@ int lk_bf16_matmul(const uint16_t* w, int64_t n_out, int64_t n_in, const void* x
 /* ---- the rest of a decoding step, for bf16 models: RMSNorm and one query's attention ---- */
 
 #if LANES
-/* float32 values rounded to the nearest even bf16 (float_to_bf16 for finite values), kept as
- * float32; and stored as bf16 */
+/* float32 values rounded to the nearest even bf16 (float_to_bf16 without its NaN case), kept
+ * as float32; and such values stored as bf16 */
 #if LANES == 16
 static inline vec bf16_value(vec v) {
     const __m512i bits = _mm512_castps_si512(v);
@@ -775,16 +775,6 @@ int lk_decode_attention(const uint16_t* q, int64_t batch, int64_t heads, int64_t
 #endif
 }
 
-#if LANES == 16
-/* 16 finite float32 -> bf16, rounded to nearest even (float_to_bf16 without its NaN case) */
-static inline __m256i round_bf16(__m512 v) {
-    __m512i bits = _mm512_castps_si512(v);
-    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
-}
-#endif
-
 /* The whole weight, dequantized: code * scale in float32, stored as float32 or rounded to bf16
  * (out_bf16); the same values as lorakit.nf4.dequantize_nf4 and bitsandbytes. */
 int lk_nf4_dequantize(const nf4_weight* w, void* out, int out_bf16, int threads) {
@@ -809,8 +799,8 @@ int lk_nf4_dequantize(const nf4_weight* w, void* out, int out_bf16, int threads)
             __m512 e1 = _mm512_permutex2var_ps(hi, second, lo); /* i+16 .. i+31 */
             if (out_bf16) {
                 uint16_t* dst = (uint16_t*)out + o * n_in + i;
-                _mm256_storeu_si256((__m256i*)dst, round_bf16(e0));
-                _mm256_storeu_si256((__m256i*)(dst + LANES), round_bf16(e1));
+                store_bf16(dst, bf16_value(e0));
+                store_bf16(dst + LANES, bf16_value(e1));
             } else {
                 _mm512_storeu_ps((float*)out + o * n_in + i, e0);
                 _mm512_storeu_ps((float*)out + o * n_in + i + LANES, e1);
@@ -885,17 +875,15 @@ int lk_cross_entropy_bf16(const uint16_t* x, int64_t rows, int64_t n, const int6
             widen(xr + i, &a, &b);
             a = vexp(VOPS(sub)(a, vset1(lse)));
             b = vexp(VOPS(sub)(b, vset1(lse)));
-#if LANES == 16
-            if (label < i || label >= i + CHUNK) {
-                _mm256_storeu_si256((__m256i*)(gr + i), round_bf16(a));
-                _mm256_storeu_si256((__m256i*)(gr + i + LANES), round_bf16(b));
-                continue;
+            if (label >= i && label < i + CHUNK) { /* minus the one-hot */
+                VOPS(storeu)(p, a);
+                VOPS(storeu)(p + LANES, b);
+                p[label - i] -= 1.0f;
+                a = vload(p);
+                b = vload(p + LANES);
             }
-#endif
-            VOPS(storeu)(p, a);
-            VOPS(storeu)(p + LANES, b);
-            if (label >= i && label < i + CHUNK) p[label - i] -= 1.0f;
-            for (int k = 0; k < CHUNK; k++) gr[i + k] = float_to_bf16(p[k]);
+            store_bf16(gr + i, bf16_value(a));
+            store_bf16(gr + i + LANES, bf16_value(b));
         }
         for (int64_t i = whole; i < n; i++)
             gr[i] = float_to_bf16(expf(bf16_to_float(xr[i]) - lse) - (i == label ? 1.0f : 0.0f));
