@@ -62,6 +62,8 @@ if args["side"] == "lorakit":
         enable_packed_attention(model)
     from lorakit.norm import fuse_rms_norms
     fuse_rms_norms(model)  # as lorakit train does
+    from lorakit.swiglu import fuse_swiglus
+    fuse_swiglus(model)
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)

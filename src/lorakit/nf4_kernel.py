@@ -135,6 +135,10 @@ def library() -> ctypes.CDLL | None:
     # dy, x, rows, n, weight, eps, dx
     lib.lk_rms_norm_backward.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.lk_rms_norm_backward.restype = i32
+    lib.lk_swiglu.argtypes = [ptr, ptr, i64, ptr]  # g, u, n, h
+    lib.lk_swiglu.restype = i32
+    lib.lk_swiglu_backward.argtypes = [ptr, ptr, ptr, i64, ptr, ptr]  # dh, g, u, n, dg, du
+    lib.lk_swiglu_backward.restype = i32
     # q, batch, heads, kv heads, head dim, k, v, cache length, positions, mask, mask stride,
     # scale, out, threads
     lib.lk_decode_attention.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]
@@ -366,6 +370,32 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tens
         dy.data_ptr(), x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, dx.data_ptr()
     )
     return dx
+
+
+def swiglu(g: Tensor, u: Tensor) -> Tensor | None:
+    """silu(g) * u of two bf16 tensors of one shape in one call, rounded as PyTorch's bf16
+    silu then multiply are; None where it does not apply (other dtypes, no library)."""
+    lib = library()
+    if lib is None or not _bf16_cpu(g, u) or g.shape != u.shape:
+        return None
+    g, u = g.contiguous(), u.contiguous()
+    h = torch.empty_like(g)
+    lib.lk_swiglu(g.data_ptr(), u.data_ptr(), g.numel(), h.data_ptr())
+    return h
+
+
+def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The gradients of `swiglu(g, u)` with respect to g and u for the output's gradient dh,
+    in one call; None where it does not apply."""
+    lib = library()
+    if lib is None or not _bf16_cpu(dh, g, u) or not dh.shape == g.shape == u.shape:
+        return None
+    dh, g, u = dh.contiguous(), g.contiguous(), u.contiguous()
+    dg, du = torch.empty_like(g), torch.empty_like(u)
+    lib.lk_swiglu_backward(
+        dh.data_ptr(), g.data_ptr(), u.data_ptr(), g.numel(), dg.data_ptr(), du.data_ptr()
+    )
+    return dg, du
 
 
 def decode_attention(

@@ -641,33 +641,41 @@ int lk_argmax_bf16(const uint16_t* x, int64_t rows, int64_t n, int64_t* out) {
 }
 
 #if LANES
-/* e^x for LANES floats, x <= 88 (smaller than -87 gives e^-87): Cephes' expf, ~1 ulp. */
+/* e^x for LANES floats: Cephes' expf, ~1 ulp; +inf where expf overflows (x > 88.72), e^-87
+ * for x below -87. */
 #define EXP_POLY(mul, fmadd, set1, r)                                                   \
     fmadd(fmadd(fmadd(fmadd(fmadd(set1(1.9875691500e-4f), r, set1(1.3981999507e-3f)), r, \
                             set1(8.3334519073e-3f)),                                    \
                       r, set1(4.1665795894e-2f)),                                       \
                 r, set1(1.6666665459e-1f)),                                             \
           r, set1(5.0000001201e-1f))
+#define EXP_MAX 88.72283f /* the largest x whose expf is finite */
 #if LANES == 16
 #define VROUND(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define VPOW2(n) /* 2^n for integral n in float32 range */ \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
 #define VSEEN(x, e) /* e where x is not -inf, else 0 */ \
     _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, vset1(-INFINITY), _CMP_NEQ_OQ), e)
+#define VOVERFLOW(x, e) /* +inf where e^x overflows float32, else e */ \
+    _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, vset1(EXP_MAX), _CMP_GT_OQ), e, vset1(INFINITY))
 #else
 #define VROUND(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define VPOW2(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
 #define VSEEN(x, e) _mm256_and_ps(_mm256_cmp_ps(x, vset1(-INFINITY), _CMP_NEQ_OQ), e)
+#define VOVERFLOW(x, e) \
+    _mm256_blendv_ps(e, vset1(INFINITY), _mm256_cmp_ps(x, vset1(EXP_MAX), _CMP_GT_OQ))
 #endif
 static inline vec vexp(vec x) {
-    x = VOPS(max)(VOPS(min)(x, vset1(88.0f)), vset1(-87.0f));
-    vec n = VROUND(VOPS(mul)(x, vset1(1.44269504088896341f)));
-    vec r = VOPS(fnmadd)(n, vset1(0.693359375f), x);
+    const vec clamped = VOPS(max)(VOPS(min)(x, vset1(EXP_MAX)), vset1(-87.0f));
+    vec n = VROUND(VOPS(mul)(clamped, vset1(1.44269504088896341f)));
+    vec r = VOPS(fnmadd)(n, vset1(0.693359375f), clamped);
     r = VOPS(fnmadd)(n, vset1(-2.12194440e-4f), r);
     vec p = EXP_POLY(VOPS(mul), vfma, vset1, r);
     p = vfma(p, VOPS(mul)(r, r), VOPS(add)(r, vset1(1.0f)));
-    return VOPS(mul)(p, VPOW2(n));
+    /* 2^n in two exact halves: n reaches 128 near the top, past float32's largest power */
+    const vec half = VROUND(VOPS(mul)(n, vset1(0.5f)));
+    return VOVERFLOW(x, VOPS(mul)(VOPS(mul)(p, VPOW2(half)), VPOW2(VOPS(sub)(n, half))));
 }
 /* e^(s - top) in place over n scores, 0 for -inf (a key the row does not see); their sum */
 static float softmax_exp(float* s, int64_t n, float top) {
@@ -887,6 +895,84 @@ int lk_cross_entropy_bf16(const uint16_t* x, int64_t rows, int64_t n, const int6
         }
         for (int64_t i = whole; i < n; i++)
             gr[i] = float_to_bf16(expf(bf16_to_float(xr[i]) - lse) - (i == label ? 1.0f : 0.0f));
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+/* The SwiGLU of LLaMA-style MLPs for training, bf16 in and out: h = bf16(bf16(silu(g)) * u),
+ * silu(g) = g / (1 + e^-g) in float32, as PyTorch's bf16 silu then multiply round it. n
+ * elements of g and u; in parallel when many. */
+#define SWIGLU_BLOCK 4096
+static inline float silu_float(float g) { return g / (1.0f + expf(-g)); }
+
+int lk_swiglu(const uint16_t* g, const uint16_t* u, int64_t n, uint16_t* h) {
+#if LANES
+    const int64_t blocks = (n + SWIGLU_BLOCK - 1) / SWIGLU_BLOCK;
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t start = blk * SWIGLU_BLOCK;
+        const int64_t end = start + SWIGLU_BLOCK < n ? start + SWIGLU_BLOCK : n;
+        int64_t i = start;
+        for (; i + CHUNK <= end; i += CHUNK) {
+            vec g2[2], u2[2];
+            widen(g + i, &g2[0], &g2[1]);
+            widen(u + i, &u2[0], &u2[1]);
+            for (int k = 0; k < 2; k++) {
+                const vec e = vexp(VOPS(sub)(vzero(), g2[k]));
+                const vec s = bf16_value(VOPS(div)(g2[k], VOPS(add)(vset1(1.0f), e)));
+                store_bf16(h + i + k * LANES, bf16_value(VOPS(mul)(s, u2[k])));
+            }
+        }
+        for (; i < end; i++) {
+            const float s = bf16_to_float(float_to_bf16(silu_float(bf16_to_float(g[i]))));
+            h[i] = float_to_bf16(s * bf16_to_float(u[i]));
+        }
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
+/* lk_swiglu's gradients for h's gradient dh, in autograd's order over PyTorch's operations:
+ * du = bf16(dh * s) with s = bf16(silu(g)); dg = bf16(bf16(dh * u) * sig * (1 + g (1 - sig)))
+ * with sig = 1 / (1 + e^-g), as silu_backward computes it in float32. */
+int lk_swiglu_backward(const uint16_t* dh, const uint16_t* g, const uint16_t* u, int64_t n,
+                       uint16_t* dg, uint16_t* du) {
+#if LANES
+    const int64_t blocks = (n + SWIGLU_BLOCK - 1) / SWIGLU_BLOCK;
+#pragma omp parallel for schedule(static) if (n >= (1 << 16))
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t start = blk * SWIGLU_BLOCK;
+        const int64_t end = start + SWIGLU_BLOCK < n ? start + SWIGLU_BLOCK : n;
+        int64_t i = start;
+        const vec one = vset1(1.0f);
+        for (; i + CHUNK <= end; i += CHUNK) {
+            vec g2[2], u2[2], d2[2];
+            widen(g + i, &g2[0], &g2[1]);
+            widen(u + i, &u2[0], &u2[1]);
+            widen(dh + i, &d2[0], &d2[1]);
+            for (int k = 0; k < 2; k++) {
+                const vec e = VOPS(add)(one, vexp(VOPS(sub)(vzero(), g2[k])));
+                const vec s = bf16_value(VOPS(div)(g2[k], e));
+                const vec sig = VOPS(div)(one, e);
+                const vec ds = bf16_value(VOPS(mul)(d2[k], u2[k]));
+                const vec slope = VOPS(add)(one, VOPS(mul)(g2[k], VOPS(sub)(one, sig)));
+                store_bf16(du + i + k * LANES, bf16_value(VOPS(mul)(d2[k], s)));
+                store_bf16(dg + i + k * LANES, bf16_value(VOPS(mul)(VOPS(mul)(ds, sig), slope)));
+            }
+        }
+        for (; i < end; i++) {
+            const float gi = bf16_to_float(g[i]), di = bf16_to_float(dh[i]);
+            const float sig = 1.0f / (1.0f + expf(-gi));
+            const float s = bf16_to_float(float_to_bf16(silu_float(gi)));
+            const float ds = bf16_to_float(float_to_bf16(di * bf16_to_float(u[i])));
+            du[i] = float_to_bf16(di * s);
+            dg[i] = float_to_bf16(ds * sig * (1.0f + gi * (1.0f - sig)));
+        }
     }
     return 0;
 #else

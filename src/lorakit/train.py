@@ -42,6 +42,7 @@ from lorakit.rundir import (
     save_checkpoint,
     write_model_card,
 )
+from lorakit.swiglu import fuse_swiglus
 
 
 @dataclass
@@ -345,6 +346,7 @@ def train(
     micro_size = micro_batch_size(cfg, device)
     enable_packed_attention(model)
     fuse_rms_norms(model)
+    fuse_swiglus(model)
     if use_grad_checkpointing(cfg.grad_checkpointing, model, micro_size * cfg.seq_len):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
