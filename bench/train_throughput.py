@@ -64,6 +64,9 @@ if args["side"] == "lorakit":
     fuse_rms_norms(model)  # as lorakit train does
     from lorakit.swiglu import fuse_swiglus
     fuse_swiglus(model)
+    if device.type == "cpu":
+        from lorakit.train import map_big_blocks
+        map_big_blocks()  # as lorakit train does
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -271,11 +272,34 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
+
+
+def map_big_blocks(threshold: int = 4 << 20) -> None:
+    """Have glibc map blocks of `threshold` bytes and more (the loss's logits chunks) on their
+    own, for the whole process, instead of carving them out of the heap, where their holes
+    fragment it: over 16-sequence steps with one trim a step, ~200 MB less peak RSS."""
+    if _LIBC is not None:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
+
+
+def _resident_mb() -> float:
+    """This process's resident size in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") / 2**20)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def trim_heap() -> None:
     """Hand the heap's free pages back to the system (glibc only; a no-op elsewhere).
 
     glibc keeps the memory of freed activations in its heap, so without this the resident
-    size creeps up by ~100 MB a step until it is far above what training needs."""
+    size creeps up by ~100 MB a step until it is far above what training needs. Training trims
+    once an optimizer step, not after every micro-batch: each trim costs the next pass a page
+    fault for every page it handed back (4-sequence CPU steps: ~420k faults and ~1 s of system
+    time a step when trimming after every sequence, ~145k once a step)."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -297,8 +321,6 @@ def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, 
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # Once a step, not per micro-batch: a trim hands the activations' pages back, and the next
-    # pass gets them again one page fault at a time (~0.3 s of a 4-sequence CPU step).
     trim_heap()
     return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
 
@@ -347,6 +369,8 @@ def train(
     enable_packed_attention(model)
     fuse_rms_norms(model)
     fuse_swiglus(model)
+    if device.type == "cpu":
+        map_big_blocks()
     if use_grad_checkpointing(cfg.grad_checkpointing, model, micro_size * cfg.seq_len):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
