@@ -135,6 +135,8 @@ def library() -> ctypes.CDLL | None:
     # dy, x, rows, n, weight, eps, dx
     lib.lk_rms_norm_backward.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.lk_rms_norm_backward.restype = i32
+    lib.lk_causal_softmax_bf16.argtypes = [ptr, i64, i64, i64]  # scores, rows, n, window
+    lib.lk_causal_softmax_bf16.restype = i32
     lib.lk_swiglu.argtypes = [ptr, ptr, i64, ptr]  # g, u, n, h
     lib.lk_swiglu.restype = i32
     lib.lk_swiglu_backward.argtypes = [ptr, ptr, ptr, i64, ptr, ptr]  # dh, g, u, n, dg, du
@@ -370,6 +372,18 @@ def rms_norm_backward(dy: Tensor, x: Tensor, weight: Tensor, eps: float) -> Tens
         dy.data_ptr(), x.data_ptr(), x.numel() // n, n, weight.data_ptr(), eps, dx.data_ptr()
     )
     return dx
+
+
+def causal_softmax(scores: Tensor, window: int | None) -> Tensor | None:
+    """Softmax in place over the last dim of bf16 scores (..., G * n, n), row r being query
+    position r % n: later keys (and keys `window` or more positions back) get 0 and are not
+    computed. Returns scores, or None where it does not apply (other dtypes, no library)."""
+    lib = library()
+    if lib is None or not _bf16_cpu(scores) or not scores.is_contiguous():
+        return None
+    n = scores.shape[-1]
+    status = lib.lk_causal_softmax_bf16(scores.data_ptr(), scores.numel() // n, n, window or 0)
+    return scores if status == 0 else None
 
 
 def swiglu(g: Tensor, u: Tensor) -> Tensor | None:

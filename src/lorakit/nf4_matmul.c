@@ -902,6 +902,36 @@ int lk_cross_entropy_bf16(const uint16_t* x, int64_t rows, int64_t n, const int6
 #endif
 }
 
+/* Causal softmax in place over rows of n bf16 attention scores, row r being query position
+ * r % n of a segment (SegmentAttention's grouped heads): keys past the query, and with
+ * window > 0 keys window or more positions back, get 0 and cost nothing; the rest softmax in
+ * float32 (max, e^(s - max), times 1 / sum), rounded to bf16. n up to 4096, else -1. */
+#define SOFTMAX_MAX 4096
+int lk_causal_softmax_bf16(uint16_t* s, int64_t rows, int64_t n, int64_t window) {
+#if LANES
+    if (n > SOFTMAX_MAX) return -1;
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[SOFTMAX_MAX];
+        uint16_t* row = s + r * n;
+        const int64_t i = r % n;
+        const int64_t lo = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
+        const int64_t len = i + 1 - lo;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < len; j++) {
+            buf[j] = bf16_to_float(row[lo + j]);
+            top = buf[j] > top ? buf[j] : top;
+        }
+        const float inv = 1.0f / softmax_exp(buf, len, top);
+        memset(row, 0, (size_t)n * sizeof(uint16_t));
+        for (int64_t j = 0; j < len; j++) row[lo + j] = float_to_bf16(buf[j] * inv);
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
 /* The SwiGLU of LLaMA-style MLPs for training, bf16 in and out: h = bf16(bf16(silu(g)) * u),
  * silu(g) = g / (1 + e^-g) in float32, as PyTorch's bf16 silu then multiply round it. n
  * elements of g and u; in parallel when many. */
