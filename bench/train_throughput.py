@@ -64,6 +64,8 @@ if args["side"] == "lorakit":
     fuse_rms_norms(model)  # as lorakit train does
     from lorakit.swiglu import fuse_swiglus
     fuse_swiglus(model)
+    from lorakit.rotary import fuse_rotary
+    fuse_rotary(model)
     if device.type == "cpu":
         from lorakit.train import map_big_blocks
         map_big_blocks()  # as lorakit train does

@@ -137,6 +137,9 @@ def library() -> ctypes.CDLL | None:
     lib.lk_rms_norm_backward.restype = i32
     lib.lk_causal_softmax_bf16.argtypes = [ptr, i64, i64, i64]  # scores, rows, n, window
     lib.lk_causal_softmax_bf16.restype = i32
+    # x, batch, t, heads, d, cos, sin, cos/sin batch stride (in rows of t), out, backward
+    lib.lk_rope_bf16.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, i32]
+    lib.lk_rope_bf16.restype = i32
     lib.lk_swiglu.argtypes = [ptr, ptr, i64, ptr]  # g, u, n, h
     lib.lk_swiglu.restype = i32
     lib.lk_swiglu_backward.argtypes = [ptr, ptr, ptr, i64, ptr, ptr]  # dh, g, u, n, dg, du
@@ -384,6 +387,30 @@ def causal_softmax(scores: Tensor, window: int | None) -> Tensor | None:
     n = scores.shape[-1]
     status = lib.lk_causal_softmax_bf16(scores.data_ptr(), scores.numel() // n, n, window or 0)
     return scores if status == 0 else None
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool = False) -> Tensor | None:
+    """The rotary embedding of bf16 x (batch, heads, t, d), laid out (batch, t, heads, d) as a
+    projection's output viewed per head: x * cos + rotate_half(x) * sin for cos, sin (batch or
+    1, t, d), rounded as PyTorch's bf16 operations are; with `backward`, x being the output's
+    gradient, the gradient of the input. The result has x's layout; None where it does not
+    apply (other dtypes or layouts, no library)."""
+    lib = library()
+    if lib is None or not _bf16_cpu(x, cos, sin) or x.dim() != 4 or cos.dim() != 3:
+        return None
+    b, h, t, d = x.shape
+    if cos.shape != sin.shape or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
+        return None
+    rows = x.transpose(1, 2)
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(rows)
+    status = lib.lk_rope_bf16(
+        rows.data_ptr(), b, t, h, d, cos.data_ptr(), sin.data_ptr(), cos.shape[0] // b,
+        out.data_ptr(), int(backward),
+    )  # fmt: skip
+    return out.transpose(1, 2) if status == 0 else None
 
 
 def swiglu(g: Tensor, u: Tensor) -> Tensor | None:

@@ -932,6 +932,71 @@ int lk_causal_softmax_bf16(uint16_t* s, int64_t rows, int64_t n, int64_t window)
 #endif
 }
 
+/* The rotary embedding for training, bf16: x (batch, t, heads, d) as a projection wrote it,
+ * cos and sin (batch or 1, t, d). Forward: out = bf16(bf16(x cos) + bf16(rotate_half(x) sin)),
+ * rotate_half(x) = (-x2, x1) for halves x1, x2, each product and the sum rounded as PyTorch's
+ * bf16 q * cos + rotate_half(q) * sin are. Backward (out being dx for dy = x): with
+ * r = bf16(dy sin), dx = bf16(bf16(dy cos) + (r2, -r1)), autograd's arithmetic. */
+static inline vec rope_term(vec a, vec c, vec b, vec s, int negate) { /* bf16(ac -+ bf16(bs)) */
+    const vec own = bf16_value(VOPS(mul)(a, c)), other = bf16_value(VOPS(mul)(b, s));
+    return bf16_value(negate ? VOPS(sub)(own, other) : VOPS(add)(own, other));
+}
+
+int lk_rope_bf16(const uint16_t* x, int64_t batch, int64_t t, int64_t heads, int64_t d,
+                 const uint16_t* cos, const uint16_t* sin, int64_t cs_batch, uint16_t* out,
+                 int backward) {
+#if LANES
+    if (d % 2) return -1;
+    const int64_t half = d / 2, rows = batch * t * heads;
+#pragma omp parallel for schedule(static) if (rows >= 64)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t b = r / (t * heads), pos = r / heads % t;
+        const uint16_t *xr = x + r * d, *c = cos + (b * cs_batch * t + pos) * d;
+        const uint16_t* sn = sin + (b * cs_batch * t + pos) * d;
+        uint16_t* o = out + r * d;
+        int64_t i = 0;
+        if (half % CHUNK == 0) {
+            for (; i < half; i += CHUNK) {
+                vec x1[2], x2[2], c1[2], c2[2], s1[2], s2[2];
+                widen(xr + i, &x1[0], &x1[1]);
+                widen(xr + half + i, &x2[0], &x2[1]);
+                widen(c + i, &c1[0], &c1[1]);
+                widen(c + half + i, &c2[0], &c2[1]);
+                widen(sn + i, &s1[0], &s1[1]);
+                widen(sn + half + i, &s2[0], &s2[1]);
+                for (int k = 0; k < 2; k++) {
+                    /* forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2;
+                     * backward: o1 = x1 c1 + x2 s2, o2 = x2 c2 - x1 s1 */
+                    const vec lo = backward ? rope_term(x1[k], c1[k], x2[k], s2[k], 0)
+                                            : rope_term(x1[k], c1[k], x2[k], s1[k], 1);
+                    const vec hi = backward ? rope_term(x2[k], c2[k], x1[k], s1[k], 1)
+                                            : rope_term(x2[k], c2[k], x1[k], s2[k], 0);
+                    store_bf16(o + i + k * LANES, lo);
+                    store_bf16(o + half + i + k * LANES, hi);
+                }
+            }
+        }
+        for (; i < half; i++) {
+            const float x1 = bf16_to_float(xr[i]), x2 = bf16_to_float(xr[half + i]);
+            const float c1 = bf16_to_float(c[i]), c2 = bf16_to_float(c[half + i]);
+            const float s1 = bf16_to_float(sn[i]), s2 = bf16_to_float(sn[half + i]);
+            const float own1 = bf16_to_float(float_to_bf16(x1 * c1));
+            const float own2 = bf16_to_float(float_to_bf16(x2 * c2));
+            if (backward) {
+                o[i] = float_to_bf16(own1 + bf16_to_float(float_to_bf16(x2 * s2)));
+                o[half + i] = float_to_bf16(own2 - bf16_to_float(float_to_bf16(x1 * s1)));
+            } else {
+                o[i] = float_to_bf16(own1 - bf16_to_float(float_to_bf16(x2 * s1)));
+                o[half + i] = float_to_bf16(own2 + bf16_to_float(float_to_bf16(x1 * s2)));
+            }
+        }
+    }
+    return 0;
+#else
+    return -1;
+#endif
+}
+
 /* The SwiGLU of LLaMA-style MLPs for training, bf16 in and out: h = bf16(bf16(silu(g)) * u),
  * silu(g) = g / (1 + e^-g) in float32, as PyTorch's bf16 silu then multiply round it. n
  * elements of g and u; in parallel when many. */

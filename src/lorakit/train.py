@@ -35,6 +35,7 @@ from lorakit.lora import attach_lora, mark_only_lora_trainable
 from lorakit.loss import CHUNK, autocast, causal_lm_loss, evaluate
 from lorakit.norm import fuse_rms_norms
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
+from lorakit.rotary import fuse_rotary
 from lorakit.rundir import (
     count_lines,
     load_checkpoint,
@@ -369,6 +370,7 @@ def train(
     enable_packed_attention(model)
     fuse_rms_norms(model)
     fuse_swiglus(model)
+    fuse_rotary(model)
     if device.type == "cpu":
         map_big_blocks()
     if use_grad_checkpointing(cfg.grad_checkpointing, model, micro_size * cfg.seq_len):
