@@ -23,10 +23,9 @@ CHILD = r"""
 import json, sys
 import torch
 from lorakit import data as D
-from lorakit.attention import enable_packed_attention
 from lorakit.loading import load_model
 from lorakit.qlinear import dequantized_weights
-from lorakit.train import TrainConfig, attach_adapter, train_step
+from lorakit.train import TrainConfig, attach_adapter, speed_up_training, train_step
 
 mode, passes = sys.argv[1], int(sys.argv[2])
 
@@ -36,7 +35,7 @@ def rss_mb() -> float:
 model, tok, _ = load_model("smollm2")
 cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=512, batch_size=1)
 attach_adapter(model, cfg)
-enable_packed_attention(model)
+speed_up_training(model, torch.device("cpu"))  # as lorakit train does
 train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
 rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], 512)
 trainable = [p for p in model.parameters() if p.requires_grad]

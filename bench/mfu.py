@@ -45,10 +45,15 @@ def main() -> None:
     args = p.parse_args()
 
     from lorakit import data as D
-    from lorakit.attention import enable_packed_attention
     from lorakit.loading import load_model
     from lorakit.qlinear import dequantized_weights
-    from lorakit.train import TrainConfig, attach_adapter, micro_batch_size, train_step
+    from lorakit.train import (
+        TrainConfig,
+        attach_adapter,
+        micro_batch_size,
+        speed_up_training,
+        train_step,
+    )
 
     model, tok, _ = load_model("smollm2")
     c = model.config
@@ -100,7 +105,7 @@ def main() -> None:
 
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, batch_size=4)
     attach_adapter(model, cfg)
-    enable_packed_attention(model)
+    speed_up_training(model, torch.device("cpu"))  # as lorakit train does
     train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
     rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], cfg.seq_len)
     micro = micro_batch_size(cfg, torch.device("cpu"))

@@ -53,22 +53,12 @@ steps, warmup, seq_len, per_step, micro = (args[k] for k in
 if args["side"] == "lorakit":
     from lorakit.loading import load_model
     from lorakit.loss import evaluate
-    from lorakit.attention import enable_packed_attention
-    from lorakit.train import TrainConfig, attach_adapter, micro_batch_size, train_step
+    from lorakit.train import (TrainConfig, attach_adapter, micro_batch_size,
+                               speed_up_training, train_step)
     model, tok, _ = load_model(args["lorakit_model"], device=device)
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step)
     attach_adapter(model, cfg)
-    if args["packed_attention"]:
-        enable_packed_attention(model)
-    from lorakit.norm import fuse_rms_norms
-    fuse_rms_norms(model)  # as lorakit train does
-    from lorakit.swiglu import fuse_swiglus
-    fuse_swiglus(model)
-    from lorakit.rotary import fuse_rotary
-    fuse_rotary(model)
-    if device.type == "cpu":
-        from lorakit.train import map_big_blocks
-        map_big_blocks()  # as lorakit train does
+    speed_up_training(model, device, args["packed_attention"])  # as lorakit train does
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)
