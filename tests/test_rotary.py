@@ -3,7 +3,7 @@
 import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
-from conftest import tiny_model
+from conftest import lora_loss_and_grad, tiny_model
 
 from lorakit import nf4_kernel
 from lorakit.rotary import _fused, fuse_rotary
@@ -57,27 +57,14 @@ def test_what_the_kernel_does_not_cover_runs_transformers_function():
 
 
 @needs_kernel
-def test_a_fused_models_lora_gradients_equal_the_plain_models():
-    from lorakit.lora import attach_lora, mark_only_lora_trainable
-    from lorakit.loss import causal_lm_loss
-
-    results = []
-    for fused in (False, True):
-        model = tiny_model("llama").bfloat16()
-        attach_lora(model, ["model.layers.0.self_attn.q_proj"], rank=2, alpha=4)
-        mark_only_lora_trainable(model)
-        lora = model.get_submodule("model.layers.0.self_attn.q_proj")
-        torch.nn.init.normal_(
-            lora.lora_B["default"].weight, generator=torch.Generator().manual_seed(1)
-        )
-        if fused:
-            assert fuse_rotary(model) == 1
-        ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(2))
-        total, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
-        (grad,) = torch.autograd.grad(total / n, lora.lora_A["default"].weight)
-        results.append((total, grad))
-    assert torch.equal(results[1][0], results[0][0])
-    assert torch.equal(results[1][1], results[0][1])
+def test_a_fused_models_lora_gradients_equal_the_plain_models(monkeypatch):
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", ORIGINAL)  # unfused, whatever ran before
+    target = "model.layers.0.self_attn.q_proj"
+    loss, grad, _ = lora_loss_and_grad("llama", target)
+    fused_loss, fused_grad, count = lora_loss_and_grad("llama", target, fuse_rotary)
+    assert count == 1 and llama.apply_rotary_pos_emb is not ORIGINAL
+    assert torch.equal(fused_loss, loss)
+    assert torch.equal(fused_grad, grad)
 
 
 def test_fusing_twice_wraps_once_and_other_architectures_are_left_alone():
