@@ -263,16 +263,18 @@ def test_trained_qlora_adapter_loads_in_peft_with_same_logits(tmp_path, data_fil
 
 
 _HEAP_PROBE = """
-import sys, torch
-from lorakit.train import _resident_mb, map_big_blocks
+import os, sys, torch
+from lorakit.train import map_big_blocks
+def resident_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 if sys.argv[1] == "map":
     map_big_blocks()
 big = torch.ones(16 << 18)  # 16 MB: freeing it raises glibc's own mapping threshold past 8 MB
 del big
 block = torch.ones(8 << 18)  # 8 MB
-before = _resident_mb()
+before = resident_mb()
 del block
-print(before - _resident_mb())
+print(before - resident_mb())
 """
 
 

@@ -68,10 +68,10 @@ def _probabilities(q_scaled, k, window: int | None) -> torch.Tensor:  # noqa: AN
     """Attention probabilities (Hkv, G*L, L) in q's dtype."""
     hk, gl, _ = q_scaled.shape
     n = k.shape[1]
-    size = max(EXPLICIT_MAX, 1 << (n - 1).bit_length())
     s = torch.bmm(q_scaled, k.transpose(1, 2))
     if nf4_kernel.causal_softmax(s, window) is not None:  # bf16 on CPU: the hidden keys skipped
         return s
+    size = max(EXPLICIT_MAX, 1 << (n - 1).bit_length())
     s.view(hk, gl // n, n, n).add_(_mask(size, window, s.dtype, s.device)[:n, :n])
     return torch.softmax(s, dim=-1)
 

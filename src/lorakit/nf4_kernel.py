@@ -389,6 +389,15 @@ def causal_softmax(scores: Tensor, window: int | None) -> Tensor | None:
     return scores if status == 0 else None
 
 
+def rope_applies(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
+    """Whether `rope` takes these: bf16 on CPU, x (batch, heads, t, d), cos and sin (batch or
+    1, t, d)."""
+    if not _bf16_cpu(x, cos, sin) or x.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        return False
+    b, _, t, d = x.shape
+    return cos.shape[1:] == (t, d) and cos.shape[0] in (1, b)
+
+
 def rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool = False) -> Tensor | None:
     """The rotary embedding of bf16 x (batch, heads, t, d), laid out (batch, t, heads, d) as a
     projection's output viewed per head: x * cos + rotate_half(x) * sin for cos, sin (batch or
@@ -396,14 +405,10 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool = False) -> Tensor 
     gradient, the gradient of the input. The result has x's layout; None where it does not
     apply (other dtypes or layouts, no library)."""
     lib = library()
-    if lib is None or not _bf16_cpu(x, cos, sin) or x.dim() != 4 or cos.dim() != 3:
+    if lib is None or not rope_applies(x, cos, sin):
         return None
     b, h, t, d = x.shape
-    if cos.shape != sin.shape or cos.shape[1:] != (t, d) or cos.shape[0] not in (1, b):
-        return None
-    rows = x.transpose(1, 2)
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
+    rows = x.transpose(1, 2).contiguous()  # a projection's output: already so, no copy
     cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty_like(rows)
     status = lib.lk_rope_bf16(

@@ -41,15 +41,8 @@ class _Rope(torch.autograd.Function):
 
 
 def _applies(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
-    b, _, t, d = x.shape if x.dim() == 4 else (0, 0, 0, 0)
     return (
-        x.dim() == 4
-        and x.dtype == cos.dtype == sin.dtype == torch.bfloat16
-        and x.device.type == cos.device.type == sin.device.type == "cpu"
-        and cos.dim() == 3
-        and cos.shape == sin.shape
-        and cos.shape[1:] == (t, d)
-        and cos.shape[0] in (1, b)
+        nf4_kernel.rope_applies(x, cos, sin)
         and not cos.requires_grad
         and not sin.requires_grad
         and nf4_kernel.library() is not None
