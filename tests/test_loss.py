@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import tiny_model
 
 from lorakit import nf4_kernel
-from lorakit.loss import LinearCrossEntropy, causal_lm_loss
+from lorakit.loss import LinearCrossEntropy, _Scratch, causal_lm_loss, reused_logits
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
@@ -71,6 +71,13 @@ def test_compiled_cross_entropy_equals_pytorchs(vocab):
     assert nf4_kernel.cross_entropy(logits, labels, with_grad=False)[1] is None
     assert nf4_kernel.cross_entropy(logits, torch.full_like(labels, vocab), True) is None
     assert nf4_kernel.cross_entropy(logits.float(), labels, True) is None  # bf16 only
+    # In place: the same bits, written over the logits; a bad label leaves them as they were.
+    kept = logits.clone()
+    assert nf4_kernel.cross_entropy(logits, torch.full_like(labels, vocab), True, True) is None
+    assert torch.equal(logits, kept)
+    losses2, grad2 = nf4_kernel.cross_entropy(logits, labels, True, in_place=True)
+    assert grad2.data_ptr() == logits.data_ptr()
+    assert torch.equal(losses2, losses) and torch.equal(grad2, grad)
 
 
 @needs_kernel
@@ -86,3 +93,19 @@ def test_bf16_chunked_loss_through_the_compiled_kernel_equals_pytorchs_path(monk
     (grad_ref,) = torch.autograd.grad(ref, hidden)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_ours.float(), grad_ref.float(), rtol=2e-2, atol=1e-3)
+
+
+@needs_kernel
+def test_chunks_sharing_one_logits_buffer_give_the_same_bits():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(70, 64, generator=g).bfloat16().requires_grad_(True)
+    weight = (torch.randn(512, 64, generator=g) * 0.2).bfloat16()
+    labels = torch.randint(0, 512, (70,), generator=g)
+    plain = LinearCrossEntropy.apply(hidden, weight, labels, 32, 0.0)  # 32 + 32 + 6 rows
+    (grad_plain,) = torch.autograd.grad(plain, hidden)
+    with reused_logits():
+        shared = LinearCrossEntropy.apply(hidden, weight, labels, 32, 0.0)
+        (grad_shared,) = torch.autograd.grad(shared, hidden)
+        assert _Scratch.buffer is not None and _Scratch.buffer.numel() == 32 * 512
+    assert _Scratch.buffer is None  # freed on leaving
+    assert torch.equal(shared, plain) and torch.equal(grad_shared, grad_plain)

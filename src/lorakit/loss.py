@@ -6,10 +6,16 @@ gradient with respect to the hidden states in the same pass and keeps only that 
 (n x hidden), never logits: for SmolLM2's 49k vocabulary and 2k tokens the fp32 logits alone
 would be 400 MB, and a checkpointed loss would compute them twice. On CPU with bf16 logits a
 chunk's softmax cross-entropy and its gradient run in one compiled pass
-(`nf4_kernel.cross_entropy`) instead of PyTorch's float32 copy and five passes over it.
+(`nf4_kernel.cross_entropy`) instead of PyTorch's float32 copy and five passes over it, and
+writes the gradient over the logits. Within `reused_logits()` (each training step) all chunks
+share one logits buffer: a fresh 25 MB chunk is a fresh mapping whose every page faults on
+first touch (glibc maps blocks this big on their own, `train.map_big_blocks`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,38 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+class _Scratch:
+    """The logits buffer shared within `reused_logits()`; None outside it."""
+
+    buffer: torch.Tensor | None = None
+    active = False
+
+
+@contextmanager
+def reused_logits() -> Iterator[None]:
+    """Within: the loss's chunks of logits (n, V) reuse one buffer, freed on leaving."""
+    outer = _Scratch.active
+    _Scratch.active = True
+    try:
+        yield
+    finally:
+        _Scratch.active = outer
+        if not outer:
+            _Scratch.buffer = None
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h @ weight.T, into the shared buffer where one is active (and grown if too small)."""
+    if not _Scratch.active or h.dtype != weight.dtype:
+        return F.linear(h, weight)
+    n, vocab = h.shape[0], weight.shape[0]
+    buf = _Scratch.buffer
+    if buf is None or buf.dtype != h.dtype or buf.device != h.device or buf.numel() < n * vocab:
+        buf = _Scratch.buffer = h.new_empty(n * vocab)
+    with torch.autocast(h.device.type, enabled=False):  # both already in the compute dtype
+        return torch.mm(h, weight.t(), out=buf[: n * vocab].view(n, vocab))
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, labels_i) for a frozen weight, chunk by chunk."""
 
@@ -38,13 +76,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, labels.numel(), chunk):
             h, y = hidden[i : i + chunk], labels[i : i + chunk]
-            logits = F.linear(h, weight)  # (n, V): one chunk at a time, then freed
-            fused = None if softcap else nf4_kernel.cross_entropy(logits, y, needs_grad)
+            logits = _chunk_logits(h, weight)  # (n, V): one chunk at a time
+            fused = None if softcap else nf4_kernel.cross_entropy(logits, y, needs_grad, True)
             if fused is not None:  # bf16 logits on CPU: one compiled pass, no float32 copy
-                losses, probs = fused
+                losses, probs = fused  # probs: the logits' buffer, overwritten
                 total += losses.sum()
                 if probs is not None:
-                    grad[i : i + chunk] = probs @ weight.to(h.dtype)
+                    torch.mm(probs, weight.to(h.dtype), out=grad[i : i + chunk])
                 continue
             logits = logits.float()
             if softcap:
@@ -114,10 +152,12 @@ def evaluate(model: nn.Module, batches: list[dict], device, dtype, chunk: int) -
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        with autocast(device, dtype):
-            loss_sum, n = causal_lm_loss(model, {k: v.to(device) for k, v in batch.items()}, chunk)
-        total, count = total + loss_sum.item(), count + n
+    with reused_logits():
+        for batch in batches:
+            with autocast(device, dtype):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss_sum, n = causal_lm_loss(model, batch, chunk)
+            total, count = total + loss_sum.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
 

@@ -538,12 +538,13 @@ def argmax(logits: Tensor) -> Tensor | None:
 
 
 def cross_entropy(
-    logits: Tensor, labels: Tensor, with_grad: bool
+    logits: Tensor, labels: Tensor, with_grad: bool, in_place: bool = False
 ) -> tuple[Tensor, Tensor | None] | None:
     """(n, V) bf16 logits, (n,) labels -> (each row's cross-entropy in float32, and where
     `with_grad` softmax - onehot in bf16: the summed loss's gradient with respect to the
-    logits), the float32 arithmetic of PyTorch's path over a float32 copy. None where it does
-    not apply (other dtypes, no library, a label out of range: PyTorch's path reports it)."""
+    logits), the float32 arithmetic of PyTorch's path over a float32 copy. `in_place` writes
+    that gradient over the (contiguous) logits. None where it does not apply (other dtypes, no
+    library, a label out of range: PyTorch's path reports it), the logits then untouched."""
     lib = library()
     if (
         lib is None
@@ -552,9 +553,11 @@ def cross_entropy(
         or labels.shape != logits.shape[:1]
     ):
         return None
+    if in_place and not logits.is_contiguous():
+        return None
     logits, labels = logits.contiguous(), labels.to(torch.int64).contiguous()
     loss = torch.empty(logits.shape[0], dtype=torch.float32)
-    grad = torch.empty_like(logits) if with_grad else None
+    grad = (logits if in_place else torch.empty_like(logits)) if with_grad else None
     status = lib.lk_cross_entropy_bf16(
         logits.data_ptr(),
         logits.shape[0],

@@ -850,7 +850,8 @@ static inline float vmax_all(__m256 v) {
  * grad = softmax(x) - onehot(labels[r]) rounded to bf16, the gradient of the summed loss with
  * respect to the logits. Three passes over each row (its max, the sum, the gradient) where
  * PyTorch makes a float32 copy of the chunk and five passes over it. -1 for a label out of
- * range (the caller's PyTorch path then says so). */
+ * range (the caller's PyTorch path then says so), before anything is written. grad may be x:
+ * each row is read in full before its gradient is written, element by element. */
 int lk_cross_entropy_bf16(const uint16_t* x, int64_t rows, int64_t n, const int64_t* labels,
                           float* loss, uint16_t* grad, int threads) {
 #if LANES

@@ -31,7 +31,7 @@ from lorakit.atomic import atomic_write_text
 from lorakit.attention import enable_packed_attention
 from lorakit.errors import LorakitError
 from lorakit.lora import attach_lora, mark_only_lora_trainable
-from lorakit.loss import CHUNK, autocast, causal_lm_loss, evaluate
+from lorakit.loss import CHUNK, autocast, causal_lm_loss, evaluate, reused_logits
 from lorakit.norm import fuse_rms_norms
 from lorakit.qlinear import dequantized_bytes, dequantized_weights, free_memory
 from lorakit.rotary import fuse_rotary
@@ -318,17 +318,18 @@ def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, 
     """One optimizer step over `batches` (the accumulated micro-batches); returns its metrics."""
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
-    for i, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, dtype):
-            loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
-        # Normalise by the labelled tokens of the whole step, so accumulation equals one big batch.
-        (loss_sum / max(n_total, 1)).backward()
-        loss_total += loss_sum.item()
-        tokens += int(batch["real_tokens"])
-        del batch, loss_sum
-        if (i + 1) % TRIM_EVERY == 0:
-            trim_heap()
+    with reused_logits():
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, dtype):
+                loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
+            # Normalise by the step's labelled tokens: accumulating equals one big batch.
+            (loss_sum / max(n_total, 1)).backward()
+            loss_total += loss_sum.item()
+            tokens += int(batch["real_tokens"])
+            del batch, loss_sum
+            if (i + 1) % TRIM_EVERY == 0:
+                trim_heap()
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
     optimizer.step()
