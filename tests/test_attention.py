@@ -51,17 +51,18 @@ def _grouped(heads: int, kv_heads: int, n: int, dim: int = 8, dtype=torch.float6
 def _segment_attention(q, k, v, window=None):
     """The explicit kernel on (1, H, L, D) inputs, heads grouped as `packed_attention` does."""
     heads, kv_heads, n, dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-    grouped = q[0].reshape(kv_heads, heads // kv_heads * n, dim)
+    grouped = q[0].view(kv_heads, heads // kv_heads, n, dim)
     out = SegmentAttention.apply(grouped, k[0], v[0], dim**-0.5, window)
-    return out.view(1, heads, n, dim)
+    return out.reshape(1, heads, n, dim)
 
 
+@pytest.mark.parametrize("n", [9, attention.BUCKET])  # padded up to BUCKET, and not padded
 @pytest.mark.parametrize("window", [None, 3])
-def test_segment_attention_matches_sdpa_and_its_gradients_are_exact(window):
-    q, k, v = _grouped(heads=6, kv_heads=2, n=9)
-    hidden = torch.ones(9, 9, dtype=torch.bool).triu(1)
+def test_segment_attention_matches_sdpa_and_its_gradients_are_exact(window, n):
+    q, k, v = _grouped(heads=6, kv_heads=2, n=n)
+    hidden = torch.ones(n, n, dtype=torch.bool).triu(1)
     if window:
-        hidden |= torch.ones(9, 9, dtype=torch.bool).tril(-window)
+        hidden |= torch.ones(n, n, dtype=torch.bool).tril(-window)
     ref = F.scaled_dot_product_attention(
         q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=~hidden
     )

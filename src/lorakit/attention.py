@@ -76,29 +76,54 @@ def _probabilities(q_scaled, k, window: int | None) -> torch.Tensor:  # noqa: AN
     return torch.softmax(s, dim=-1)
 
 
+BUCKET = 16  # SegmentAttention pads each example to a multiple of this many tokens
+
+
+def _padded(t: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., L, D) -> contiguous (..., n, D), zeros after the first L rows."""
+    if t.shape[-2] == n:
+        return t.contiguous()
+    out = t.new_zeros(*t.shape[:-2], n, t.shape[-1])
+    out[..., : t.shape[-2], :] = t
+    return out
+
+
 class SegmentAttention(torch.autograd.Function):
-    """Causal attention within one example: q (Hkv, G*L, D), query heads grouped by the key/value
-    head they share; k, v (Hkv, L, D) -> (Hkv, G*L, D). Probabilities are recomputed in backward."""
+    """Causal attention within one example: q (Hkv, G, L, D), query heads grouped by the key/value
+    head they share; k, v (Hkv, L, D) -> (Hkv, G, L, D). Probabilities are recomputed in backward.
+
+    L is padded with zeros up to a multiple of BUCKET. The causal mask hides the padded keys from
+    every real query, and the padded queries' rows are dropped, so the result is unchanged. What
+    it buys is few distinct matmul shapes: oneDNN builds a primitive for each new one and keeps
+    1024, and examples of every length from 1 to 512 tokens times 7 matmuls per example kept
+    evicting them (the dense layers' too), rebuilding at a cost of ~1/3 of the matmul's time."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, window: int | None):  # noqa: ANN001
+        hk, groups, n, dim = q.shape
+        size = -(-n // BUCKET) * BUCKET
         with torch.autocast(q.device.type, enabled=False):
-            q_scaled = q * scale
+            q_scaled = q.new_zeros(hk, groups, size, dim)
+            torch.mul(q, scale, out=q_scaled[:, :, :n])
+            q_scaled = q_scaled.view(hk, groups * size, dim)
+            k, v = _padded(k, size), _padded(v, size)
             out = torch.bmm(_probabilities(q_scaled, k, window), v)
         ctx.save_for_backward(q_scaled, k, v)
-        ctx.scale, ctx.window = scale, window
-        return out
+        ctx.scale, ctx.window, ctx.n = scale, window, n
+        return out.view(hk, groups, size, -1)[:, :, :n]
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001
         q_scaled, k, v = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
+        n, (hk, size, _) = ctx.n, k.shape
+        grad_out = _padded(grad_out, size).view(hk, -1, grad_out.shape[-1])
         p = _probabilities(q_scaled, k, ctx.window)
-        grad_v = torch.bmm(p.transpose(1, 2), grad_out)
+        grad_v = torch.bmm(p.transpose(1, 2), grad_out)[:, :n]
         grad_p = torch.bmm(grad_out, v.transpose(1, 2))
         grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
-        grad_q = torch.bmm(grad_s, k).mul_(ctx.scale)
-        return grad_q, torch.bmm(grad_s.transpose(1, 2), q_scaled), grad_v, None, None
+        grad_q = torch.bmm(grad_s, k).mul_(ctx.scale).view(hk, -1, size, k.shape[-1])[:, :, :n]
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q_scaled)[:, :n]
+        return grad_q, grad_k, grad_v, None, None
 
 
 def _explicit_ok(query, kwargs: dict) -> bool:  # noqa: ANN001
@@ -120,10 +145,10 @@ def _segment(module, q, k, v, explicit: bool, **kwargs):  # noqa: ANN001
         return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
     heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[3]
     scale = kwargs.get("scaling") or dim**-0.5
-    grouped = q[0].reshape(kv_heads, heads // kv_heads * n, dim)
+    grouped = q[0].view(kv_heads, heads // kv_heads, n, dim)
     v = v[0].to(q.dtype)
     out = SegmentAttention.apply(grouped, k[0].to(q.dtype), v, scale, window)
-    return out.view(heads, n, v.shape[-1]).transpose(0, 1)[None]
+    return out.reshape(heads, n, v.shape[-1]).transpose(0, 1)[None]
 
 
 def packed_attention(module, query, key, value, attention_mask, segments=None, **kwargs):  # noqa: ANN001
