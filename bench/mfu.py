@@ -108,7 +108,8 @@ def main() -> None:
     speed_up_training(model, torch.device("cpu"))  # as lorakit train does
     train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
     rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], cfg.seq_len)
-    micro = micro_batch_size(cfg, torch.device("cpu"))
+    micro = micro_batch_size(cfg, torch.device("cpu"), model)
+    padded = [0]  # tokens passed through the model, padding included
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr)
     model.train()
@@ -117,7 +118,13 @@ def main() -> None:
         batch_rows = rows[k * cfg.batch_size : (k + 1) * cfg.batch_size]
         micros = []
         for j in range(0, len(batch_rows), micro):
-            b = D.collate(batch_rows[j : j + micro], torch.bfloat16, pad_id=tok.pad_token_id or 0)
+            b = D.collate(
+                batch_rows[j : j + micro],
+                torch.bfloat16,
+                pad_id=tok.pad_token_id or 0,
+                pad_multiple=D.ROW_MULTIPLE,  # as lorakit train pads
+            )
+            padded[0] += b["input_ids"].numel()
             b["real_tokens"] = torch.tensor(sum(len(r) for r in batch_rows[j : j + micro]))
             micros.append(b)
         return train_step(model, opt, trainable, micros, torch.device("cpu"), torch.bfloat16, cfg)
@@ -129,13 +136,15 @@ def main() -> None:
         with counter:
             for k in range(args.warmup, args.warmup + args.steps):
                 step(k)
-        flops = counter.get_total_flops()
         by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-        model_flops = by_op.get("aten.mm", 0)
-        start, tokens = time.perf_counter(), 0
+        start, tokens, padded[0] = time.perf_counter(), 0, 0
         for k in range(args.warmup, args.warmup + args.steps):
             tokens += step(k)["tokens"]
         seconds = time.perf_counter() - start
+    # Only the real tokens' FLOPs count as useful: the counted ones include the padding's.
+    useful = tokens / padded[0]
+    flops = counter.get_total_flops() * useful
+    model_flops = by_op.get("aten.mm", 0) * useful
     rate, everything = model_flops / seconds / 1e9, flops / seconds / 1e9
     peak16 = peaks[torch.bfloat16]
     print(

@@ -59,11 +59,12 @@ if args["side"] == "lorakit":
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step)
     attach_adapter(model, cfg)
     speed_up_training(model, device, args["packed_attention"])  # as lorakit train does
-    micro = args["lorakit_micro"] or micro_batch_size(cfg, device)
+    micro = args["lorakit_micro"] or micro_batch_size(cfg, device, model)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)
     def batch(rs):
-        b = D.collate(rs, torch.bfloat16, pad_id=tok.pad_token_id or 0)
+        b = D.collate(rs, torch.bfloat16, pad_id=tok.pad_token_id or 0,
+                      pad_multiple=D.ROW_MULTIPLE)
         b["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in rs))
         return b
 

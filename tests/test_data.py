@@ -320,6 +320,11 @@ def test_collate_pads_and_builds_block_diagonal_mask():
     assert allowed[0] == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]]
     assert allowed[1] == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     assert (mask[mask != 0] == torch.finfo(torch.bfloat16).min).all()
+    # Rounded up to a multiple: the same rows, padding after them.
+    wide = collate(rows, dtype=torch.bfloat16, pad_id=0, pad_multiple=3)
+    assert wide["input_ids"].tolist() == [[1, 2, 3, 4, 0, 0], [5, 6, 0, 0, 0, 0]]
+    assert wide["seq_ids"][:, 4:].eq(-1).all() and wide["labels"][:, 4:].eq(-100).all()
+    assert collate(rows, pad_multiple=4)["input_ids"].shape == (2, 4)
 
 
 # ---------------------------------------------------------------------------------------------

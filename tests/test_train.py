@@ -160,7 +160,27 @@ def test_micro_batches_give_the_same_gradients_as_whole_batches(data_file, tiny_
     assert any(g.abs().max() > 0 for g in whole)
     for a, b in zip(split, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-    assert T.micro_batch_size(T.TrainConfig(batch_size=4), torch.device("cpu")) == 1
+
+
+def test_auto_micro_batch_gives_small_models_about_pass_tokens_on_cpu():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    small = SimpleNamespace(config=LlamaConfig(hidden_size=576))
+    large = SimpleNamespace(config=LlamaConfig(hidden_size=2048))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+
+    def micro(model, device=cpu, **kw):
+        return T.micro_batch_size(T.TrainConfig(**{"batch_size": 16, **kw}), device, model)
+
+    assert micro(small, seq_len=T.PASS_TOKENS // 2) == 2
+    assert micro(small, seq_len=T.PASS_TOKENS // 8) == 8
+    assert micro(small, seq_len=T.PASS_TOKENS // 8, batch_size=4) == 4  # never past the batch
+    assert micro(small, seq_len=T.PASS_TOKENS * 2) == 1
+    assert micro(large, seq_len=T.PASS_TOKENS // 2) == 1
+    assert micro(large, gpu) == 16
+    assert micro(small, micro_batch=3) == 3
 
 
 def test_out_dir_holding_a_run_is_refused(tmp_path, data_file, tiny_tokenizer):

@@ -169,6 +169,6 @@ def dataset_batches(examples: list[dict], tokenizer, seq_len: int, batch_size: i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = D.pack_sequences([D.tokenize_example(e, tokenizer) for e in examples], seq_len)
     return [
-        D.collate(rows[i : i + batch_size], dtype, pad_id=pad or 0)
+        D.collate(rows[i : i + batch_size], dtype, pad_id=pad or 0, pad_multiple=D.ROW_MULTIPLE)
         for i in range(0, len(rows), batch_size)
     ]
