@@ -66,6 +66,19 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return torch.mm(h, weight.t(), out=buf[: n * vocab].view(n, vocab))
 
 
+ROWS = 16  # a chunk's rows are padded to a multiple of this on the compiled path
+
+
+def _padded_rows(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's hidden rows and labels with zero rows (label 0) up to a multiple of ROWS: the
+    last chunk's size varies with every batch, and each new matmul shape costs oneDNN a new
+    primitive, kept for the process (see data.ROW_MULTIPLE). Their losses are dropped."""
+    extra = -len(y) % ROWS
+    if not extra:
+        return h, y
+    return torch.cat([h, h.new_zeros(extra, h.shape[1])]), torch.cat([y, y.new_zeros(extra)])
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(hidden_i @ weight.T, labels_i) for a frozen weight, chunk by chunk."""
 
@@ -76,15 +89,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, labels.numel(), chunk):
             h, y = hidden[i : i + chunk], labels[i : i + chunk]
+            n = len(y)
+            if not softcap and h.dtype == torch.bfloat16 and h.device.type == "cpu":
+                h, y = _padded_rows(h, y)  # for the compiled pass: few matmul shapes
             logits = _chunk_logits(h, weight)  # (n, V): one chunk at a time
             fused = None if softcap else nf4_kernel.cross_entropy(logits, y, needs_grad, True)
             if fused is not None:  # bf16 logits on CPU: one compiled pass, no float32 copy
                 losses, probs = fused  # probs: the logits' buffer, overwritten
-                total += losses.sum()
-                if probs is not None:
-                    torch.mm(probs, weight.to(h.dtype), out=grad[i : i + chunk])
+                total += losses[:n].sum()
+                if probs is not None and len(y) == n:
+                    torch.mm(probs, weight.to(h.dtype), out=grad[i : i + n])
+                elif probs is not None:
+                    grad[i : i + n] = (probs @ weight.to(h.dtype))[:n]
                 continue
-            logits = logits.float()
+            logits, y = logits[:n].float(), y[:n]
             if softcap:
                 tanh = torch.tanh(logits / softcap)
                 logits = softcap * tanh
