@@ -35,7 +35,7 @@ def rss_mb() -> float:
 model, tok, _ = load_model("smollm2")
 cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=512, batch_size=1)
 attach_adapter(model, cfg)
-speed_up_training(model, torch.device("cpu"))  # as lorakit train does
+speed_up_training(model)  # as lorakit train does
 train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
 rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], 512)
 trainable = [p for p in model.parameters() if p.requires_grad]

@@ -105,7 +105,7 @@ def main() -> None:
 
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, batch_size=4)
     attach_adapter(model, cfg)
-    speed_up_training(model, torch.device("cpu"))  # as lorakit train does
+    speed_up_training(model)  # as lorakit train does
     train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
     rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], cfg.seq_len)
     micro = micro_batch_size(cfg, torch.device("cpu"), model)

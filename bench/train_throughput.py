@@ -58,7 +58,7 @@ if args["side"] == "lorakit":
     model, tok, _ = load_model(args["lorakit_model"], device=device)
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step)
     attach_adapter(model, cfg)
-    speed_up_training(model, device, args["packed_attention"])  # as lorakit train does
+    speed_up_training(model, args["packed_attention"])  # as lorakit train does
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device, model)
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)

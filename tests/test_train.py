@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -280,30 +278,3 @@ def test_trained_qlora_adapter_loads_in_peft_with_same_logits(tmp_path, data_fil
     ids = torch.randint(0, len(tok), (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
-
-
-_HEAP_PROBE = """
-import os, sys, torch
-from lorakit.train import map_big_blocks
-def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-if sys.argv[1] == "map":
-    map_big_blocks()
-big = torch.ones(16 << 18)  # 16 MB: freeing it raises glibc's own mapping threshold past 8 MB
-del big
-block = torch.ones(8 << 18)  # 8 MB
-before = resident_mb()
-del block
-print(before - resident_mb())
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_big_blocks_go_back_to_the_system_when_freed():
-    def released_mb(mode: str) -> float:
-        run = subprocess.run([sys.executable, "-c", _HEAP_PROBE, mode], capture_output=True)
-        assert run.returncode == 0, run.stderr.decode()[-2000:]
-        return float(run.stdout.decode().split()[-1])
-
-    assert released_mb("map") > 6  # mapped on its own: unmapped at once
-    assert released_mb("heap") < 2  # glibc's default: carved from the heap, kept there

@@ -8,8 +8,8 @@ would be 400 MB, and a checkpointed loss would compute them twice. On CPU with b
 chunk's softmax cross-entropy and its gradient run in one compiled pass
 (`nf4_kernel.cross_entropy`) instead of PyTorch's float32 copy and five passes over it, and
 writes the gradient over the logits. Within `reused_logits()` (each training step) all chunks
-share one logits buffer: a fresh 25 MB chunk is a fresh mapping whose every page faults on
-first touch (glibc maps blocks this big on their own, `train.map_big_blocks`).
+share one logits buffer: a fresh 25 MB chunk is a fresh mapping from glibc whose every page
+faults on first touch.
 """
 
 from __future__ import annotations

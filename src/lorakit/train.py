@@ -283,17 +283,6 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
-
-
-def map_big_blocks(threshold: int = 4 << 20) -> None:
-    """Have glibc map blocks of `threshold` bytes and more (the loss's logits chunks) on their
-    own, for the whole process, instead of carving them out of the heap, where their holes
-    fragment it: over 16-sequence steps with one trim a step, ~200 MB less peak RSS."""
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, threshold)
-
-
 TRIM_EVERY = 4  # micro-batches between heap trims (and one at the end of every step)
 
 
@@ -310,19 +299,15 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def speed_up_training(
-    model: nn.Module, device: torch.device, packed_attention: bool = True
-) -> None:
+def speed_up_training(model: nn.Module, packed_attention: bool = True) -> None:
     """What `train` sets up before its first step, for the bench scripts to run the same: packed
     rows' attention example by example; on CPU in bf16 the compiled RMSNorm, SwiGLU and rotary
-    passes where the architecture has them; glibc's big blocks mapped on their own."""
+    passes where the architecture has them."""
     if packed_attention:
         enable_packed_attention(model)
     fuse_rms_norms(model)
     fuse_swiglus(model)
     fuse_rotary(model)
-    if device.type == "cpu":
-        map_big_blocks()
 
 
 def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, cfg) -> dict:
@@ -391,7 +376,7 @@ def train(
         batch(eval_rows[i : i + cfg.batch_size]) for i in range(0, len(eval_rows), cfg.batch_size)
     ]
     micro_size = micro_batch_size(cfg, device, model)
-    speed_up_training(model, device)
+    speed_up_training(model)
     if use_grad_checkpointing(cfg.grad_checkpointing, model, micro_size * cfg.seq_len):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
