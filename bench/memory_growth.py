@@ -1,13 +1,13 @@
 """Resident memory pass by pass while training: what makes it creep up.
 
-One process per mode, each running `--passes` forward/backward passes of one packed 512-token
-row (what `lorakit train` does on CPU) on the default model, with the weight cache on, and
-printing the resident size (VmRSS) after every pass:
+One process per mode, each running `--passes` forward/backward passes on the default model as
+`lorakit train` does on CPU (packed 512-token rows, `micro_batch_size` rows per pass, the
+weight cache on), printing the resident size (VmRSS) after every pass:
 
-- `varied`: consecutive rows of the data set (what training sees);
-- `same`: the first row every time (identical shapes and sizes in every pass);
-- `padded`: consecutive rows, each padded to the full 512 tokens (fixed linear-layer shapes;
-  only the examples' lengths inside a row still vary).
+- `training`: consecutive rows of the data set, padded to a multiple of `data.ROW_MULTIPLE`
+  tokens (what `lorakit train` does);
+- `unpadded`: the same rows at their own lengths (one set of matmul shapes per row length);
+- `same`: the first rows every time (identical shapes and sizes in every pass).
 
     python bench/memory_growth.py --passes 24
 """
@@ -25,7 +25,8 @@ import torch
 from lorakit import data as D
 from lorakit.loading import load_model
 from lorakit.qlinear import dequantized_weights
-from lorakit.train import TrainConfig, attach_adapter, speed_up_training, train_step
+from lorakit.train import (TrainConfig, attach_adapter, micro_batch_size, speed_up_training,
+                           train_step)
 
 mode, passes = sys.argv[1], int(sys.argv[2])
 
@@ -33,8 +34,9 @@ def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
 model, tok, _ = load_model("smollm2")
-cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=512, batch_size=1)
+cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=512, batch_size=16)
 attach_adapter(model, cfg)
+micro = micro_batch_size(cfg, torch.device("cpu"), model)
 speed_up_training(model)  # as lorakit train does
 train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
 rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], 512)
@@ -44,9 +46,10 @@ model.train()
 cpu, sizes = torch.device("cpu"), []
 with dequantized_weights(model, torch.bfloat16):
     for i in range(passes):
-        row = rows[0 if mode == "same" else i]
-        batch = D.collate([row], torch.bfloat16, pad_id=0, pad_to=512 if mode == "padded" else None)
-        batch["real_tokens"] = torch.tensor(len(row.input_ids))
+        some = rows[0 if mode == "same" else i * micro :][:micro]
+        multiple = 1 if mode == "unpadded" else D.ROW_MULTIPLE
+        batch = D.collate(some, torch.bfloat16, pad_id=0, pad_multiple=multiple)
+        batch["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in some))
         train_step(model, opt, trainable, [batch], cpu, torch.bfloat16, cfg)
         sizes.append(round(rss_mb()))
 print(json.dumps(sizes))
@@ -56,7 +59,7 @@ print(json.dumps(sizes))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--passes", type=int, default=24)
-    p.add_argument("--modes", default="varied,same,padded")
+    p.add_argument("--modes", default="training,unpadded,same")
     args = p.parse_args()
     print("| mode | RSS after pass 1 (MB) | after the last | MB per pass after the first |")
     print("|---|---|---|---|")
