@@ -411,7 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
     t("--epochs", type=float, help="passes over the data when --steps is not given (default 1)")
     t("--batch-size", type=int, help="packed sequences per batch (default 4)")
     t("--grad-accum", type=int, help="batches per optimizer step (default 1)")
-    t("--micro-batch", type=int, help="sequences per forward pass (default 0: auto, 1 on CPU)")
+    t(
+        "--micro-batch",
+        type=int,
+        help="sequences per pass (default 0: auto; on CPU ~2048 tokens for a model of hidden "
+        "size < 1024, else 1; on GPU the whole batch)",
+    )
     t("--seq-len", type=int, help="tokens per packed sequence (default 512)")
     t("--lr", type=float, help="peak learning rate (default 2e-4; 1e-3 for the 30-step demo)")
     t("--warmup", type=float, help="warmup steps, or a fraction of all steps if < 1")

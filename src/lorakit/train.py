@@ -12,11 +12,9 @@ run follows the same loss curve as an uninterrupted one.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import signal
-import sys
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -106,9 +104,10 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-# Tokens per pass for a small model on CPU: SmolLM2-135M, 16 sequences of 512 tokens a step,
-# two per pass instead of one: 4.35 -> 4.12 s per 4 sequences (a throwaway in-process A/B).
-PASS_TOKENS = 1024
+# Tokens per pass for a small model on CPU. SmolLM2-135M, sequences of 512 tokens, throwaway
+# in-process A/Bs: two per pass instead of one 4.35 -> 4.12 s per 4 sequences; four instead of
+# two 4.47 -> 4.34 and 4.45 -> 4.32 s (peak RSS over 16-sequence steps ~1500 -> ~2050 MB).
+PASS_TOKENS = 2048
 
 
 def micro_batch_size(cfg: TrainConfig, device: torch.device, model: nn.Module) -> int:
@@ -134,19 +133,6 @@ def use_grad_checkpointing(setting: str, model: nn.Module, tokens_per_batch: int
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     activations = layers * tokens_per_batch * hidden * 34 * 2  # Korthikanti et al. estimate, bf16
     return activations > free_memory(torch.device("cpu")) / 4  # unknown (0): on
-
-
-def _load_libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # musl or no glibc
-        return None
-
-
-_LIBC = _load_libc()
 
 
 def use_weight_cache(setting: str, model: nn.Module, dtype: torch.dtype, device) -> bool:
@@ -283,22 +269,6 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-TRIM_EVERY = 4  # micro-batches between heap trims (and one at the end of every step)
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the system (glibc only; a no-op elsewhere).
-
-    glibc keeps the memory of freed activations in its heap, so without this the resident
-    size creeps up by ~100 MB a step until it is far above what training needs. But each trim
-    costs the next pass a page fault for every page it handed back (4-sequence CPU steps: ~420k
-    faults and ~1 s of system time a step trimming after every sequence, ~145k once a step),
-    so training trims every TRIM_EVERY micro-batches (bench/train_throughput.py, 16-sequence
-    steps: peak RSS 2283 MB trimming once a step, 2064 MB trimming every 4 sequences)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 def speed_up_training(model: nn.Module, packed_attention: bool = True) -> None:
     """What `train` sets up before its first step, for the bench scripts to run the same: packed
     rows' attention example by example; on CPU in bf16 the compiled RMSNorm, SwiGLU and rotary
@@ -315,7 +285,7 @@ def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, 
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
     with reused_logits():
-        for i, batch in enumerate(batches):
+        for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
                 loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
@@ -324,14 +294,10 @@ def train_step(model, optimizer, trainable, batches: list[dict], device, dtype, 
             loss_total += loss_sum.item()
             tokens += int(batch["real_tokens"])
             del batch, loss_sum
-            if (i + 1) % TRIM_EVERY == 0:
-                trim_heap()
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if len(batches) % TRIM_EVERY:
-        trim_heap()
     return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
 
 
