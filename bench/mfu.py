@@ -163,7 +163,7 @@ def main() -> None:
     print(f"| lorakit training, attention counted too | {everything:.0f} | {share:.0%} |")
     print(f"\nFLOP/token: {flops / tokens / 1e6:.0f} M (counted); by kernel:")
     for op, n in sorted(by_op.items(), key=lambda x: -x[1]):
-        print(f"  {op}: {n / flops:.0%}")
+        print(f"  {op}: {n / counter.get_total_flops():.0%}")
 
 
 if __name__ == "__main__":
