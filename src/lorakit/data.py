@@ -425,7 +425,7 @@ def collate(
     """Rows -> model inputs: input_ids, labels, position_ids, seq_ids (B, T); attention_mask.
 
     T is `pad_to`, else the longest row rounded up to a multiple of `pad_multiple` (a few
-    distinct shapes instead of one per row length: see `train.ROW_MULTIPLE`).
+    distinct shapes instead of one per row length: see ROW_MULTIPLE).
 
     attention_mask (B, 1, T, T) is additive in `dtype` (the model's compute dtype): 0 where
     token i may see token j (same example, j <= i), finfo(dtype).min elsewhere. Padding tokens

@@ -99,7 +99,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 total += losses[:n].sum()
                 if probs is not None and len(y) == n:
                     torch.mm(probs, weight.to(h.dtype), out=grad[i : i + n])
-                elif probs is not None:
+                elif probs is not None:  # all the padded rows: an n-row matmul is a new shape
                     grad[i : i + n] = (probs @ weight.to(h.dtype))[:n]
                 continue
             logits, y = logits[:n].float(), y[:n]
