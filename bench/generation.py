@@ -5,7 +5,7 @@ greedy, 128 new tokens, at batch 1 and 8, without and with a rank-16 adapter on 
 projections; then lorakit's cost of a batch whose 8 rows use 4 different adapters against a
 batch on one adapter. lorakit runs both ways it can decode: from a bf16 copy of the weights
 made once per generation (adapter folded in), and from the 4-bit codes with the compiled
-kernel (nf4_kernel.py; adapter in the same call), where that kernel builds; the kernel once
+kernel (kernels/nf4_matmul.py; adapter in the same call), where that kernel builds; the kernel once
 more through transformers' forward pass instead of lorakit's lean one (decode.py), to show
 what that buys. Runs alternate lorakit / baseline; the best of `--repeats` counts. Last, the
 output head alone: torch's bf16 matmul against lorakit's compiled one, per decoding step.
@@ -37,9 +37,9 @@ PROMPTS = [
 
 def make_adapter(model, path: str, seed: int) -> None:
     """A random rank-16 adapter (non-zero B) on q/k/v/o, saved in PEFT's format."""
-    from lorakit.adapters import AdapterConfig, save_adapter
-    from lorakit.lora import attach_lora, lora_layers
-    from lorakit.targets import resolve_targets
+    from lorakit.lora.layer import attach_lora, lora_layers
+    from lorakit.lora.peft_format import AdapterConfig, save_adapter
+    from lorakit.lora.targets import resolve_targets
 
     torch.manual_seed(seed)
     modules, targets = resolve_targets(model, "default")
@@ -65,12 +65,12 @@ def main() -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from lorakit.adapters import load_adapter
-    from lorakit.data import encode_prompt
-    from lorakit.generate import Sampling, generate_ids
-    from lorakit.loading import load_model
-    from lorakit.lora import set_active_adapters
-    from lorakit.nf4_kernel import library
+    from lorakit.inference.generate import Sampling, generate_ids
+    from lorakit.kernels._build import library
+    from lorakit.lora.layer import set_active_adapters
+    from lorakit.lora.peft_format import load_adapter
+    from lorakit.models.chat import encode_prompt
+    from lorakit.models.loading import load_model
 
     ours, tok, _ = load_model(args.model, device=device)
     tmp = tempfile.mkdtemp()
@@ -175,8 +175,8 @@ def main() -> None:
 
 
 def head_table(model) -> None:
-    """The output head of one decoding step: torch's bf16 matmul vs nf4_kernel.bf16_matmul."""
-    from lorakit.nf4_kernel import bf16_matmul
+    """The output head of one decoding step: torch's bf16 matmul vs kernels.bf16_matmul."""
+    from lorakit.kernels.bf16_matmul import bf16_matmul
 
     weight = model.get_output_embeddings().weight.to(torch.bfloat16)
     print(f"\n| output head {tuple(weight.shape)}, bf16 | batch | torch ms | lorakit ms | ratio |")

@@ -20,7 +20,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import torch, transformers  # noqa: F401  (import cost is measured apart from the load)
-import lorakit.loading as loading
+import lorakit.models.loading as loading
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

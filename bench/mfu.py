@@ -11,7 +11,7 @@
    in backward, so counting them would credit work the model does not need. MFU is thus a
    lower bound; the rate with everything counted is printed beside it.
 3. Decode ceiling: one pass over every weight matrix at batch 1 and 8, the NF4 layers once as
-   a bf16 copy and once through the 4-bit kernel (nf4_kernel.py), the output head in bf16:
+   a bf16 copy and once through the 4-bit kernel (kernels/nf4_matmul.py), the output head in bf16:
    the least a decoded token costs, with no other work.
 
     python bench/mfu.py                # 4 timed steps of 4 x 512 tokens after 1 warm-up
@@ -44,15 +44,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     args = p.parse_args()
 
-    from lorakit import data as D
-    from lorakit.loading import load_model
-    from lorakit.qlinear import dequantized_weights
-    from lorakit.train import (
+    from lorakit.models.loading import load_model
+    from lorakit.training import data as D
+    from lorakit.training.trainer import (
         TrainConfig,
         attach_adapter,
         micro_batch_size,
-        speed_up_training,
         train_step,
+        training_setup,
     )
 
     model, tok, _ = load_model("smollm2")
@@ -77,7 +76,8 @@ def main() -> None:
 
     # Decoding reads every weight once per token: the fastest the model can decode here, with
     # the NF4 layers dequantized to bf16 once, or read from their 4-bit codes by the kernel.
-    from lorakit.nf4_kernel import KernelWeight, library
+    from lorakit.kernels._build import library
+    from lorakit.kernels.nf4_matmul import KernelWeight
 
     print("\n| decode ceiling: every weight matrix once | batch | ms | tokens/s at most |")
     print("|---|---|---|---|")
@@ -105,7 +105,6 @@ def main() -> None:
 
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, batch_size=4)
     attach_adapter(model, cfg)
-    speed_up_training(model)  # as lorakit train does
     train, _ = D.split_examples(D.load_examples(D.default_dataset_path()))
     rows = D.pack_sequences([D.tokenize_example(e, tok) for e in train], cfg.seq_len)
     micro = micro_batch_size(cfg, torch.device("cpu"), model)
@@ -129,7 +128,8 @@ def main() -> None:
             micros.append(b)
         return train_step(model, opt, trainable, micros, torch.device("cpu"), torch.bfloat16, cfg)
 
-    with dequantized_weights(model, torch.bfloat16):
+    cpu = torch.device("cpu")
+    with training_setup(model, cfg, cpu, torch.bfloat16, micro):  # as lorakit train runs
         for k in range(args.warmup):
             step(k)
         counter = FlopCounterMode(display=False)

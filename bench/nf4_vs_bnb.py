@@ -20,11 +20,12 @@ import torch
 def main() -> None:
     import bitsandbytes.functional as bnb
 
-    from lorakit.loading import load_model
-    from lorakit.nf4 import dequantize_nf4, quantize_nf4
-    from lorakit.nf4_kernel import KernelWeight, library
-    from lorakit.qlinear import NF4Linear  # noqa: F401  (import cost outside the timings)
-    from lorakit.targets import linear_modules
+    from lorakit.kernels._build import library
+    from lorakit.kernels.nf4_matmul import KernelWeight
+    from lorakit.lora.targets import linear_modules
+    from lorakit.models.loading import load_model
+    from lorakit.quant.linear import NF4Linear  # noqa: F401  (import cost outside the timings)
+    from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2")

@@ -14,8 +14,8 @@ import resource
 import tempfile
 import time
 
-from lorakit.loading import load_model
-from lorakit.train import TrainConfig, train
+from lorakit.models.loading import load_model
+from lorakit.training.trainer import TrainConfig, train
 
 
 def main() -> None:

@@ -36,10 +36,10 @@ def make_adapters(model_spec: str, folder: Path, n: int) -> list[Path]:
     """n random rank-16 adapters on the default targets, in PEFT's format (no model load)."""
     from safetensors.torch import save_file
 
-    from lorakit.adapters import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterConfig
-    from lorakit.loading import empty_model, load_config, resolve_model
-    from lorakit.lora import layer_features
-    from lorakit.targets import resolve_targets
+    from lorakit.lora.layer import layer_features
+    from lorakit.lora.peft_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, AdapterConfig
+    from lorakit.lora.targets import resolve_targets
+    from lorakit.models.loading import empty_model, load_config, resolve_model
 
     source = resolve_model(model_spec)
     model = empty_model(load_config(source))

@@ -47,12 +47,12 @@ def main() -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from lorakit import data as D
-    from lorakit.attention import enable_packed_attention
-    from lorakit.generate import Sampling, generate_ids
-    from lorakit.loading import load_model
-    from lorakit.qlinear import dequantized_weights
-    from lorakit.train import TrainConfig, attach_adapter, train_step
+    from lorakit.inference.generate import Sampling, generate_ids
+    from lorakit.models.loading import load_model
+    from lorakit.models.packed_attention import enable_packed_attention
+    from lorakit.quant.linear import dequantized_weights
+    from lorakit.training import data as D
+    from lorakit.training.trainer import TrainConfig, attach_adapter, train_step
 
     say(
         "imports done;",

@@ -29,7 +29,7 @@ CHILD = r"""
 import json, resource, sys, time
 import torch
 args = json.loads(sys.argv[1])
-from lorakit import data as D
+from lorakit.training import data as D
 device = torch.device(args["device"])
 cuda = device.type == "cuda"
 
@@ -51,15 +51,18 @@ def sync():
 steps, warmup, seq_len, per_step, micro = (args[k] for k in
     ("steps", "warmup", "seq_len", "per_step", "micro"))
 if args["side"] == "lorakit":
-    from lorakit.loading import load_model
-    from lorakit.loss import evaluate
-    from lorakit.train import (TrainConfig, attach_adapter, micro_batch_size,
-                               speed_up_training, train_step)
+    from lorakit.models.loading import load_model
+    from lorakit.training.loss import evaluate
+    from lorakit.training.trainer import (TrainConfig, attach_adapter, micro_batch_size,
+                                          train_step, training_setup)
     model, tok, _ = load_model(args["lorakit_model"], device=device)
-    cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step)
+    cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step,
+                      cache_weights=args["lorakit_cache"])
     attach_adapter(model, cfg)
-    speed_up_training(model, args["packed_attention"])  # as lorakit train does
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device, model)
+    # as lorakit train does: its forwards, its weight cache rule
+    setup = training_setup(model, cfg, device, torch.bfloat16, micro, args["packed_attention"])
+    setup.__enter__()
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)
     def batch(rs):
@@ -71,13 +74,6 @@ if args["side"] == "lorakit":
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=2e-4)
     model.train()
-    from lorakit.qlinear import dequantized_weights
-    from lorakit.train import use_weight_cache
-    if use_weight_cache(args["lorakit_cache"], model, torch.bfloat16, device):
-        # Held in a name for the whole run, as train()'s with-block does: a dropped context
-        # manager is closed by the garbage collector at once, which frees the cache again.
-        weight_cache = dequantized_weights(model, torch.bfloat16)
-        weight_cache.__enter__()
     losses, tokens, t0 = [], 0, None
     for step in range(warmup + steps):
         if step == warmup:
@@ -188,7 +184,7 @@ def main() -> None:
         p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
 
     from lorakit.errors import LorakitError
-    from lorakit.loading import load_model
+    from lorakit.models.loading import load_model
 
     hf_dir = tempfile.mkdtemp()
     try:

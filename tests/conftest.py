@@ -111,22 +111,26 @@ def tiny_model_dir(request, tmp_path_factory, _tiny_tokenizer_base):
     return path
 
 
-def lora_loss_and_grad(kind: str, target: str, fuse=None):  # noqa: ANN001, ANN201
+def lora_loss_and_grad(kind: str, target: str, patched: bool = False):  # noqa: ANN201
     """A tiny bf16 model of `kind` with a rank-2 LoRA on module `target` (B random, so that A gets
-    a gradient); `fuse(model)` first when given. Returns the mean loss over a fixed batch, the
-    LoRA's A gradient and what `fuse` returned."""
+    a gradient), under `models.patches.training_patches` when `patched`. Returns the mean loss
+    over a fixed batch, the LoRA's A gradient and what the patches reported (or None)."""
+    from contextlib import nullcontext
+
     import torch
 
-    from lorakit.lora import attach_lora, mark_only_lora_trainable
-    from lorakit.loss import causal_lm_loss
+    from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
+    from lorakit.models.patches import training_patches
+    from lorakit.training.loss import causal_lm_loss
 
     model = tiny_model(kind).bfloat16()
     attach_lora(model, [target], rank=2, alpha=4)
     mark_only_lora_trainable(model)
     lora = model.get_submodule(target)
     torch.nn.init.normal_(lora.lora_B["default"].weight, generator=torch.Generator().manual_seed(1))
-    fused = fuse(model) if fuse is not None else None
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(2))
-    total, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
-    (grad,) = torch.autograd.grad(total / n, lora.lora_A["default"].weight)
-    return total / n, grad, fused
+    context = training_patches(model, packed_attention=False) if patched else nullcontext()
+    with context as report:
+        total, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        (grad,) = torch.autograd.grad(total / n, lora.lora_A["default"].weight)
+    return total / n, grad, report

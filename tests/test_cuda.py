@@ -6,14 +6,16 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
-from test_decode import PROMPTS, _batch, _steps
-from test_train import _cfg
+from test_lean import PROMPTS, _batch, _steps
+from test_trainer import _cfg
 
-from lorakit import train as T
-from lorakit.decode import lean_decoder
-from lorakit.generate import Sampling, TransformersForward, generate_ids
-from lorakit.loading import load_model
-from lorakit.lora import attach_lora
+from lorakit.inference.decoder import TransformersDecoder
+from lorakit.inference.generate import generate_ids
+from lorakit.inference.lean import LeanDecoder
+from lorakit.inference.sampling import Sampling
+from lorakit.lora.layer import attach_lora
+from lorakit.models.loading import load_model
+from lorakit.training import trainer as T
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -76,10 +78,10 @@ def test_lean_decoding_on_cuda_equals_transformers_forward():
         torch.nn.init.normal_(model.get_submodule(n).lora_B["a"].weight, std=0.5)
     model.eval()
     ids, mask = (t.cuda() for t in _batch(PROMPTS))
-    lean = lean_decoder(model, len(PROMPTS), ids.shape[1] + 6)
+    lean = LeanDecoder(model, ids.shape[1] + 6)
     assert lean is not None
     with torch.no_grad():
-        ref = _steps(TransformersForward(model), ids, mask, 6)
+        ref = _steps(TransformersDecoder(model), ids, mask, 6)
         got = _steps(lean, ids, mask, 6)
     for r, g in zip(ref, got, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

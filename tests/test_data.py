@@ -1,4 +1,4 @@
-"""Tests for lorakit.data: readers, splits, loss masks, packing and the packed attention mask."""
+"""training.data: readers, splits, loss masks, packing and the packed attention mask."""
 
 from __future__ import annotations
 
@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorakit.data import (
+from lorakit.errors import LorakitError
+from lorakit.models.chat import encode_prompt
+from lorakit.training.data import (
     IGNORE_INDEX,
     DataError,
     PackedSequence,
     collate,
     default_dataset_path,
-    encode_prompt,
     load_examples,
     pack_sequences,
     split_examples,
     tokenize_example,
 )
-from lorakit.errors import LorakitError
 
 CHAT = {
     "messages": [

@@ -4,9 +4,10 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from lorakit import kernels
 from lorakit.errors import LorakitError
-from lorakit.generate import Sampling, generate_ids
-from lorakit.lora import attach_lora, set_active_adapters
+from lorakit.inference.generate import Sampling, generate_ids
+from lorakit.lora.layer import attach_lora, set_active_adapters
 
 PROMPTS = [[5, 17, 42, 9], [7, 8], [100, 3, 3, 3, 250, 11]]
 
@@ -86,8 +87,8 @@ def test_limits_are_clear_errors():
 
 
 def test_cached_dequantized_weights_give_the_same_tokens(tiny_model_dir):
-    from lorakit.loading import load_model
-    from lorakit.qlinear import NF4Linear
+    from lorakit.models.loading import load_model
+    from lorakit.quant.linear import NF4Linear
 
     model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
     per_token = generate_ids(model, PROMPTS, Sampling(max_new_tokens=10), cache_weights=False)
@@ -99,9 +100,9 @@ def test_cached_dequantized_weights_give_the_same_tokens(tiny_model_dir):
 
 
 def test_active_adapter_folded_into_the_cache_gives_the_same_tokens(tiny_model_dir):
-    from lorakit.loading import load_model
-    from lorakit.lora import attach_lora, folded_adapters, lora_layers
-    from lorakit.qlinear import dequantized_weights
+    from lorakit.lora.layer import attach_lora, folded_adapters, lora_layers
+    from lorakit.models.loading import load_model
+    from lorakit.quant.linear import dequantized_weights
 
     model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
     names = [n for n, m in model.named_modules() if type(m).__name__ == "NF4Linear"][:4]
@@ -124,9 +125,9 @@ def test_active_adapter_folded_into_the_cache_gives_the_same_tokens(tiny_model_d
 
 
 def test_weight_cache_is_automatic_and_sized(tiny_model_dir, monkeypatch):
-    import lorakit.generate as G
-    from lorakit.loading import load_model
-    from lorakit.qlinear import dequantized_bytes
+    import lorakit.inference.generate as G
+    from lorakit.models.loading import load_model
+    from lorakit.quant.linear import dequantized_bytes
 
     model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
     n = sum(
@@ -143,22 +144,24 @@ def test_weight_cache_is_automatic_and_sized(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(G, "dequantized_weights", spy)
     generate_ids(model, PROMPTS, Sampling(max_new_tokens=2))
     assert used == [torch.float32]  # plenty of memory: cached
-    monkeypatch.setattr(G, "free_memory", lambda device: 2 * n)  # too little: per token
+    monkeypatch.setattr(
+        "lorakit.quant.linear.free_memory", lambda device: 2 * n
+    )  # too little: per token
     generate_ids(model, PROMPTS, Sampling(max_new_tokens=2))
     assert used == [torch.float32]
 
 
 @pytest.mark.skipif(
-    __import__("lorakit.nf4_kernel").nf4_kernel.library() is None,
+    kernels._build.library() is None,
     reason="no C compiler or no AVX2 on this machine",
 )
 def test_decoding_from_the_4bit_codes_is_the_default_and_gives_the_same_tokens(
     tmp_path, monkeypatch
 ):
-    import lorakit.generate as G
-    from lorakit.loading import load_model
-    from lorakit.lora import lora_layers
-    from lorakit.qlinear import decodes_from_codes
+    import lorakit.inference.generate as G
+    from lorakit.lora.layer import lora_layers
+    from lorakit.models.loading import load_model
+    from lorakit.quant.linear import decodes_from_codes
 
     # Rows of 64 and 128 inputs: whole NF4 blocks, which the kernel takes.
     tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
@@ -168,7 +171,7 @@ def test_decoding_from_the_4bit_codes_is_the_default_and_gives_the_same_tokens(
     attach_lora(model, names, "a", rank=4, alpha=8)
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.5)
-    from lorakit.nf4_kernel import KernelWeight
+    from lorakit.kernels.nf4_matmul import KernelWeight
 
     copies, calls = [], []
     real_copy, real_call = G.dequantized_weights, KernelWeight.__call__
@@ -185,25 +188,25 @@ def test_decoding_from_the_4bit_codes_is_the_default_and_gives_the_same_tokens(
 
 
 @pytest.mark.skipif(
-    __import__("lorakit.nf4_kernel").nf4_kernel.library() is None,
+    kernels._build.library() is None,
     reason="no C compiler or no AVX2 on this machine",
 )
 def test_a_bf16_head_decodes_through_the_kernel_with_the_same_logits(monkeypatch):
-    import lorakit.generate as G
-    from lorakit import nf4_kernel
+    import lorakit.inference.generate as G
+    from lorakit.inference import decoder
 
     model = tiny_model("llama", hidden_size=64, intermediate_size=128).to(torch.bfloat16)
     head = model.get_output_embeddings()
     rows = []
-    real = nf4_kernel.bf16_matmul
-    monkeypatch.setattr(nf4_kernel, "bf16_matmul", lambda x, w: rows.append(x.shape) or real(x, w))
+    real = kernels.bf16_matmul.bf16_matmul
+    monkeypatch.setattr(decoder, "bf16_matmul", lambda x, w: rows.append(x.shape) or real(x, w))
     h = torch.randn(3, 1, 64, dtype=torch.bfloat16)
-    with torch.no_grad(), G.kernel_head(model):
+    with torch.no_grad(), decoder.output_head_kernel(model):
         torch.testing.assert_close(
             head(h).double(), (h.double() @ head.weight.double().T), rtol=1e-2, atol=1e-2
         )
         assert rows == [(3, 1, 64)]
-        head(torch.randn(1, G.HEAD_ROWS + 1, 64, dtype=torch.bfloat16))  # a prompt: torch's
+        head(torch.randn(1, decoder.HEAD_ROWS + 1, 64, dtype=torch.bfloat16))  # a prompt: torch's
         assert len(rows) == 1
     assert "forward" not in head.__dict__  # the module is as it was
     with torch.no_grad():
@@ -212,5 +215,7 @@ def test_a_bf16_head_decodes_through_the_kernel_with_the_same_logits(monkeypatch
     rows.clear()
     ours = generate_ids(model, PROMPTS, Sampling(max_new_tokens=8))
     assert rows  # generation used it
-    monkeypatch.setattr(G, "kernel_head", lambda model: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(
+        G, "output_head_kernel", lambda model: __import__("contextlib").nullcontext()
+    )
     assert generate_ids(model, PROMPTS, Sampling(max_new_tokens=8)) == ours

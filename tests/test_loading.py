@@ -13,11 +13,12 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
-from lorakit.loading import default_dtype, load_model, resolve_model
-from lorakit.lora import is_conv1d
-from lorakit.nf4 import dequantize_nf4, quantize_nf4
-from lorakit.qlinear import NF4Linear
-from lorakit.targets import linear_modules
+from lorakit.lora.layer import is_conv1d
+from lorakit.lora.targets import linear_modules
+from lorakit.models.loading import load_model, resolve_model
+from lorakit.models.precision import default_dtype
+from lorakit.quant.linear import NF4Linear
+from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
 IDS = torch.randint(0, 400, (3, 11), generator=torch.Generator().manual_seed(0))
 
@@ -299,7 +300,7 @@ def test_default_dtype_for_what_is_not_quantized(model_dir, monkeypatch):
     assert {p.dtype for p in model.parameters()} == {expected}
     assert all(b.dtype != torch.float32 or b.numel() < 1000 for b in model.buffers())
     # Force bf16 so the check means something on machines whose default is fp32.
-    monkeypatch.setattr("lorakit.loading.default_dtype", lambda device="cpu": torch.bfloat16)
+    monkeypatch.setattr("lorakit.models.loading.default_dtype", lambda device="cpu": torch.bfloat16)
     model, _, _ = load_model(model_dir, quant="none", with_tokenizer=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     bf16 = _logits(model)

@@ -6,7 +6,7 @@ from conftest import tiny_model
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora import (
+from lorakit.lora.layer import (
     LoRALinear,
     attach_lora,
     mark_only_lora_trainable,
@@ -14,8 +14,8 @@ from lorakit.lora import (
     row_adapters,
     set_active_adapters,
 )
-from lorakit.nf4 import dequantize_nf4
-from lorakit.qlinear import NF4Linear
+from lorakit.quant.linear import NF4Linear
+from lorakit.quant.nf4 import dequantize_nf4
 
 
 def _randomize_b(layer: LoRALinear, name: str = "default") -> None:
@@ -203,7 +203,7 @@ def test_outputs_equal_peft_given_the_same_weights(kind, targets, use_rslora):
         init_lora_weights=False,  # random A and B
     )
     peft_model = peft.get_peft_model(reference, config).eval()
-    from lorakit.targets import resolve_targets
+    from lorakit.lora.targets import resolve_targets
 
     modules, _ = resolve_targets(ours, targets)
     attach_lora(ours, modules, rank=4, alpha=8, use_rslora=use_rslora)

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from lorakit import nf4_kernel
-from lorakit.loss import LinearCrossEntropy, _Scratch, causal_lm_loss, reused_logits
+import lorakit.training.loss as L
+from lorakit import kernels
+from lorakit.training.loss import LinearCrossEntropy, _Scratch, causal_lm_loss, reused_logits
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
@@ -31,7 +32,7 @@ def test_linear_cross_entropy_equals_reference(softcap, chunk):
 
 def test_causal_lm_loss_equals_transformers_loss_and_gradients():
     model = tiny_model("llama")
-    from lorakit.lora import attach_lora, mark_only_lora_trainable
+    from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
 
     attach_lora(model, ["model.layers.0.self_attn.q_proj"], rank=2, alpha=4)
     mark_only_lora_trainable(model)
@@ -52,7 +53,7 @@ def test_causal_lm_loss_equals_transformers_loss_and_gradients():
 
 
 needs_kernel = pytest.mark.skipif(
-    nf4_kernel.library() is None, reason="no C compiler or no AVX2 on this machine"
+    kernels._build.library() is None, reason="no C compiler or no AVX2 on this machine"
 )
 
 
@@ -62,20 +63,23 @@ def test_compiled_cross_entropy_equals_pytorchs(vocab):
     g = torch.Generator().manual_seed(vocab)
     logits = (torch.randn(37, vocab, generator=g) * 4).bfloat16()
     labels = torch.randint(0, vocab, (37,), generator=g)
-    losses, grad = nf4_kernel.cross_entropy(logits, labels, with_grad=True)
+    losses, grad = kernels.cross_entropy.cross_entropy(logits, labels, with_grad=True)
     ref = F.cross_entropy(logits.float(), labels, reduction="none")
     torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
     exact = torch.softmax(logits.float(), dim=-1) - F.one_hot(labels, vocab).float()
     assert grad.dtype == torch.bfloat16
     torch.testing.assert_close(grad.float(), exact, rtol=2**-7, atol=1e-7)  # bf16 rounding
-    assert nf4_kernel.cross_entropy(logits, labels, with_grad=False)[1] is None
-    assert nf4_kernel.cross_entropy(logits, torch.full_like(labels, vocab), True) is None
-    assert nf4_kernel.cross_entropy(logits.float(), labels, True) is None  # bf16 only
+    assert kernels.cross_entropy.cross_entropy(logits, labels, with_grad=False)[1] is None
+    assert kernels.cross_entropy.cross_entropy(logits, torch.full_like(labels, vocab), True) is None
+    assert kernels.cross_entropy.cross_entropy(logits.float(), labels, True) is None  # bf16 only
     # In place: the same bits, written over the logits; a bad label leaves them as they were.
     kept = logits.clone()
-    assert nf4_kernel.cross_entropy(logits, torch.full_like(labels, vocab), True, True) is None
+    assert (
+        kernels.cross_entropy.cross_entropy(logits, torch.full_like(labels, vocab), True, True)
+        is None
+    )
     assert torch.equal(logits, kept)
-    losses2, grad2 = nf4_kernel.cross_entropy(logits, labels, True, in_place=True)
+    losses2, grad2 = kernels.cross_entropy.cross_entropy(logits, labels, True, in_place=True)
     assert grad2.data_ptr() == logits.data_ptr()
     assert torch.equal(losses2, losses) and torch.equal(grad2, grad)
 
@@ -88,7 +92,7 @@ def test_bf16_chunked_loss_through_the_compiled_kernel_equals_pytorchs_path(monk
     labels = torch.randint(0, 512, (70,), generator=g)
     ours = LinearCrossEntropy.apply(hidden, weight, labels, 32, 0.0)
     (grad_ours,) = torch.autograd.grad(ours, hidden)
-    monkeypatch.setattr(nf4_kernel, "cross_entropy", lambda *args: None)
+    monkeypatch.setattr(L, "cross_entropy", lambda *args: None)
     ref = LinearCrossEntropy.apply(hidden, weight, labels, 32, 0.0)
     (grad_ref,) = torch.autograd.grad(ref, hidden)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)

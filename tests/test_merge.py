@@ -6,17 +6,17 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from lorakit.adapters import (
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from lorakit.lora.layer import attach_lora, lora_layers
+from lorakit.lora.peft_format import (
     AdapterConfig,
     adapter_library,
     combine_adapters,
     load_adapter,
-    merge_into_base,
     save_adapter,
 )
-from lorakit.cli import main
-from lorakit.errors import LorakitError
-from lorakit.lora import attach_lora, lora_layers
+from lorakit.models.merge import merge_into_base
 
 
 def _adapter(model, path, modules, rank, alpha, rslora=False, seed=0):
@@ -71,8 +71,8 @@ def test_merged_model_loads_in_transformers_with_base_plus_adapter_outputs(
 ):
     from transformers import AutoModelForCausalLM
 
-    from lorakit.loading import load_model
-    from lorakit.targets import resolve_targets
+    from lorakit.lora.targets import resolve_targets
+    from lorakit.models.loading import load_model
 
     base, _, _ = load_model(tiny_model_dir, quant="none", dtype=torch.float32)
     modules, targets = resolve_targets(base, "all-linear")
@@ -120,7 +120,7 @@ def test_cli_merge_weights_errors(tmp_path, capsys):
 
 
 def test_cli_eval_and_generate(tmp_path, tiny_model_dir, capsys):
-    from lorakit.loading import load_model
+    from lorakit.models.loading import load_model
 
     model, _, _ = load_model(tiny_model_dir, quant="none", dtype=torch.float32)
     _adapter(
@@ -182,16 +182,16 @@ def test_cli_chat_keeps_history_and_quits_on_eof(tiny_model_dir, monkeypatch, ca
             raise EOFError from None
 
     seen = []
-    import lorakit.cli as cli
+    import lorakit.cli.generate as cli
 
-    real_reply = cli._reply
+    real_answer = cli._answer
 
-    def spy(model, tokenizer, messages, sampling, stream):
-        seen.append([m["content"] for m in messages])
-        return real_reply(model, tokenizer, messages, sampling, stream)
+    def spy(model, tokenizer, prompt, args, **kw):
+        seen.append([m["content"] for m in prompt])
+        return real_answer(model, tokenizer, prompt, args, **kw)
 
     monkeypatch.setattr("builtins.input", fake_input)
-    monkeypatch.setattr(cli, "_reply", spy)
+    monkeypatch.setattr(cli, "_answer", spy)
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "3"]) == 0
     assert seen[0] == ["What does foo mean?"]
     assert seen[1] == ["And kludge?"]  # /reset forgot the first exchange

@@ -1,4 +1,4 @@
-"""Tests for lorakit.nf4: the code tables, the byte layout, round-trip error and size, and
+"""Tests for lorakit.quant.nf4: the code tables, the byte layout, round-trip error and size, and
 (marked ``oracle``) bit-for-bit agreement with bitsandbytes."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.distributions import Normal
 
-import lorakit.nf4 as nf4
-from lorakit.nf4 import (
+import lorakit.quant.nf4 as nf4
+from lorakit.quant.nf4 import (
     NF4_CODE,
     NF4State,
     block_absmax,

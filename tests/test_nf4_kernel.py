@@ -6,12 +6,13 @@ import os
 import pytest
 import torch
 
-from lorakit import nf4_kernel, qlinear
-from lorakit.nf4 import dequantize_nf4, quantize_nf4
-from lorakit.qlinear import NF4Linear
+from lorakit import kernels
+from lorakit.quant import linear as qlinear
+from lorakit.quant.linear import NF4Linear
+from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
 needs_kernel = pytest.mark.skipif(
-    nf4_kernel.library() is None, reason="no C compiler or no AVX2 on this machine"
+    kernels._build.library() is None, reason="no C compiler or no AVX2 on this machine"
 )
 
 
@@ -24,19 +25,19 @@ def test_kernel_equals_dequantize_then_matmul(double_quant, blocksize, rows, n_i
     g = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, n_in, generator=g) * 0.05
     state = quantize_nf4(weight, blocksize, double_quant)
-    assert nf4_kernel.supports(state, torch.device("cpu"))
+    assert kernels.nf4_matmul.supports(state, torch.device("cpu"))
     x = torch.randn(2, rows, n_in, generator=g)
     exact = x.double() @ dequantize_nf4(state, torch.float64).T
-    got = nf4_kernel.nf4_matmul(x, state, torch.float32)
+    got = kernels.nf4_matmul.nf4_matmul(x, state, torch.float32)
     assert got.shape == (2, rows, 96)
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-5)
-    in_bf16 = nf4_kernel.nf4_matmul(x, state, torch.bfloat16)
+    in_bf16 = kernels.nf4_matmul.nf4_matmul(x, state, torch.bfloat16)
     assert in_bf16.dtype == torch.bfloat16
     torch.testing.assert_close(in_bf16, got.bfloat16())
     # bf16 activations: the products may run in bf16 (AVX512-BF16), float32 sums.
     xb = x.bfloat16()
     exact_b = xb.double() @ dequantize_nf4(state, torch.float64).T
-    low = nf4_kernel.nf4_matmul(xb, state, torch.bfloat16).double()
+    low = kernels.nf4_matmul.nf4_matmul(xb, state, torch.bfloat16).double()
     assert (low - exact_b).abs().max() < 1e-2 * exact_b.abs().max()
 
 
@@ -52,10 +53,12 @@ def test_bf16_products_are_exact_products_of_the_bf16_dequantized_weight(blocksi
     wrong block or output, or a code rounded before its scale would be off by more."""
     g = torch.Generator().manual_seed(blocksize + rows + n_out)
     state = quantize_nf4(torch.randn(n_out, 1280, generator=g) * 0.05, blocksize, True)
-    weight = dequantize_nf4(state, torch.bfloat16 if nf4_kernel.bf16_products() else torch.float64)
+    weight = dequantize_nf4(
+        state, torch.bfloat16 if kernels.nf4_matmul.bf16_products() else torch.float64
+    )
     x = torch.randn(rows, 1280, generator=g).bfloat16()
     exact = x.double() @ weight.double().T
-    got = nf4_kernel.nf4_matmul(x, state, torch.bfloat16)
+    got = kernels.nf4_matmul.nf4_matmul(x, state, torch.bfloat16)
     torch.testing.assert_close(got.double(), exact.bfloat16().double(), rtol=1e-2, atol=1e-4)
     assert (got.double() - exact).abs().max() < 5e-3 * exact.abs().max()  # bf16 rounding
 
@@ -66,13 +69,13 @@ def test_bf16_head_kernel_equals_a_bf16_linear(rows):
     g = torch.Generator().manual_seed(rows)
     weight = (torch.randn(1000, 192, generator=g) * 0.05).bfloat16()
     x = torch.randn(2, rows, 192, generator=g).bfloat16()
-    assert nf4_kernel.head_supports(weight, x)
+    assert kernels.bf16_matmul.head_supports(weight, x)
     exact = x.double() @ weight.double().T
-    got = nf4_kernel.bf16_matmul(x, weight)
+    got = kernels.bf16_matmul.bf16_matmul(x, weight)
     assert got.shape == (2, rows, 1000) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), exact.bfloat16().double(), rtol=1e-2, atol=1e-3)
-    assert not nf4_kernel.head_supports(weight.float(), x)
-    assert not nf4_kernel.head_supports(weight[:, :100], x)
+    assert not kernels.bf16_matmul.head_supports(weight.float(), x)
+    assert not kernels.bf16_matmul.head_supports(weight[:, :100], x)
 
 
 @needs_kernel
@@ -84,8 +87,8 @@ def test_rms_norm_is_llama_rms_norm_to_the_bit():
     torch.nn.init.normal_(norm.weight, generator=g)
     x = (torch.randn(3, 2, 576, generator=g) * 4).bfloat16()
     with torch.no_grad():
-        assert torch.equal(nf4_kernel.rms_norm(x, norm.weight, 1e-5), norm(x))
-    assert nf4_kernel.rms_norm(x.float(), norm.weight, 1e-5) is None  # bf16 only
+        assert torch.equal(kernels.rms_norm.rms_norm(x, norm.weight, 1e-5), norm(x))
+    assert kernels.rms_norm.rms_norm(x.float(), norm.weight, 1e-5) is None  # bf16 only
 
 
 @needs_kernel
@@ -100,7 +103,7 @@ def test_decode_attention_equals_sdpa(batch, head_dim):
     k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g).bfloat16() for _ in "kv")
     mask = torch.ones(batch, t, dtype=torch.bool)
     mask[0, :40] = False  # a left-padded row
-    got = nf4_kernel.decode_attention(q, k, v, t, mask, 0.1)
+    got = kernels.attention.decode_attention(q, k, v, t, mask, 0.1)
     full = [x[:, :, :t].double().repeat_interleave(3, dim=1) for x in (k, v)]
     exact = F.scaled_dot_product_attention(
         q.double(), *full, attn_mask=mask[:, None, None, :], scale=0.1
@@ -108,10 +111,10 @@ def test_decode_attention_equals_sdpa(batch, head_dim):
     assert got.shape == (batch, 1, heads, head_dim) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2)
     assert torch.equal(
-        nf4_kernel.decode_attention(q, k, v, t, None, 0.1),
-        nf4_kernel.decode_attention(q, k, v, t, torch.ones_like(mask), 0.1),
+        kernels.attention.decode_attention(q, k, v, t, None, 0.1),
+        kernels.attention.decode_attention(q, k, v, t, torch.ones_like(mask), 0.1),
     )
-    assert nf4_kernel.decode_attention(q.float(), k, v, t, mask, 0.1) is None
+    assert kernels.attention.decode_attention(q.float(), k, v, t, mask, 0.1) is None
 
 
 @needs_kernel
@@ -130,12 +133,12 @@ def test_rope_cache_is_transformers_rotary_to_the_bit(head_dim):
     half = head_dim // 2
     folded = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
     rotated = q.clone()
-    assert nf4_kernel.rope_cache(rotated, k, v, cos, folded, keys, values, pos)
+    assert kernels.rotary.rope_cache(rotated, k, v, cos, folded, keys, values, pos)
     assert torch.equal(rotated.transpose(1, 2), ref_q)
     assert torch.equal(keys[:, :, pos : pos + 1], ref_k)
     assert torch.equal(values[:, :, pos : pos + 1], v.transpose(1, 2))
     assert not keys[:, :, :pos].any() and not keys[:, :, pos + 1 :].any()  # nothing else
-    assert not nf4_kernel.rope_cache(q.float(), k, v, cos, folded, keys, values, pos)
+    assert not kernels.rotary.rope_cache(q.float(), k, v, cos, folded, keys, values, pos)
 
 
 @needs_kernel
@@ -144,8 +147,8 @@ def test_argmax_is_torchs():
     logits = (torch.randn(8, 49152, generator=g) * 3).bfloat16()
     logits[3, 100] = logits[3, 7000] = 50  # ties: the first
     logits[5] = -torch.rand(49152, generator=g).bfloat16() - 1  # all negative
-    assert torch.equal(nf4_kernel.argmax(logits), logits.float().argmax(-1))
-    assert nf4_kernel.argmax(logits.float()) is None
+    assert torch.equal(kernels.argmax.argmax(logits), logits.float().argmax(-1))
+    assert kernels.argmax.argmax(logits.float()) is None
 
 
 @needs_kernel
@@ -154,7 +157,7 @@ def test_argmax_is_torchs():
 def test_kernel_dequantizes_to_the_same_bits(double_quant, blocksize):
     g = torch.Generator().manual_seed(blocksize)
     state = quantize_nf4(torch.randn(96, 640, generator=g) * 0.05, blocksize, double_quant)
-    kernel = nf4_kernel.KernelWeight(state)
+    kernel = kernels.nf4_matmul.KernelWeight(state)
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(kernel.dequantize(dtype), dequantize_nf4(state, dtype))
     assert kernel.dequantize(torch.float16) is None  # PyTorch's path does that one
@@ -167,16 +170,18 @@ def test_kernel_dequantizes_to_the_same_bits(double_quant, blocksize):
 def test_shapes_the_kernel_does_not_take():
     cpu = torch.device("cpu")
     rows_split = quantize_nf4(torch.randn(4, 96), 64)  # a block would span two rows
-    assert not nf4_kernel.supports(rows_split, cpu)
-    assert not nf4_kernel.supports(quantize_nf4(torch.randn(2, 3, 64), 64), cpu)  # 3-D
+    assert not kernels.nf4_matmul.supports(rows_split, cpu)
+    assert not kernels.nf4_matmul.supports(quantize_nf4(torch.randn(2, 3, 64), 64), cpu)  # 3-D
 
 
 @needs_kernel
 def test_a_decoding_layer_uses_the_kernel_and_training_does_not(monkeypatch):
     layer = NF4Linear.from_weight(torch.randn(64, 128) * 0.05).eval()
     calls = []
-    call = nf4_kernel.KernelWeight.__call__
-    monkeypatch.setattr(nf4_kernel.KernelWeight, "__call__", lambda *a: calls.append(1) or call(*a))
+    call = kernels.nf4_matmul.KernelWeight.__call__
+    monkeypatch.setattr(
+        kernels.nf4_matmul.KernelWeight, "__call__", lambda *a: calls.append(1) or call(*a)
+    )
     x = torch.randn(1, 2, 128)
     reference = x @ layer.dequantized_weight(torch.float32).T
     with torch.no_grad():
@@ -196,21 +201,21 @@ def test_a_decoding_layer_uses_the_kernel_and_training_does_not(monkeypatch):
 
 def test_build_is_atomic_and_a_failed_build_means_no_kernel(tmp_path, monkeypatch):
     monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
-    assert nf4_kernel._build("false") is None  # a "compiler" that fails
+    assert kernels._build._build("false") is None  # a "compiler" that fails
     assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
-    if nf4_kernel.library() is not None:
-        cc = nf4_kernel.shutil.which("cc") or nf4_kernel.shutil.which("gcc")
-        built = nf4_kernel._build(cc)
+    if kernels._build.library() is not None:
+        cc = kernels._build.shutil.which("cc") or kernels._build.shutil.which("gcc")
+        built = kernels._build._build(cc)
         assert built is not None and built.parent == tmp_path
         assert [p.name for p in tmp_path.iterdir()] == [built.name]
-        assert nf4_kernel._build(cc) == built  # cached: not compiled again
+        assert kernels._build._build(cc) == built  # cached: not compiled again
         # older builds (earlier sources) beyond the newest few are removed when one is made
         for i in range(6):
             old = tmp_path / f"nf4_matmul-old{i}.so"
             old.write_bytes(b"")
             os.utime(old, (i, i))
         built.unlink()
-        assert nf4_kernel._build(cc) == built
+        assert kernels._build._build(cc) == built
         names = sorted(p.name for p in tmp_path.iterdir())
         assert names == sorted(
             [built.name, "nf4_matmul-old3.so", "nf4_matmul-old4.so", "nf4_matmul-old5.so"]
@@ -219,18 +224,18 @@ def test_build_is_atomic_and_a_failed_build_means_no_kernel(tmp_path, monkeypatc
 
 def test_the_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv("LORAKIT_NF4_KERNEL", "0")
-    nf4_kernel.library.cache_clear()
+    kernels._build.library.cache_clear()
     try:
-        assert nf4_kernel.library() is None
+        assert kernels._build.library() is None
     finally:
-        nf4_kernel.library.cache_clear()
+        kernels._build.library.cache_clear()
 
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("n_out", [96, 90])  # 90: outputs left over after whole vectors
 def test_an_adapter_added_in_the_kernel_call_equals_the_lora_formula(rows, n_out):
-    from lorakit.lora import LoRALinear
+    from lorakit.lora.layer import LoRALinear
 
     g = torch.Generator().manual_seed(0)
     layer = LoRALinear(NF4Linear.from_weight(torch.randn(n_out, 128, generator=g) * 0.05))
@@ -243,7 +248,9 @@ def test_an_adapter_added_in_the_kernel_call_equals_the_lora_formula(rows, n_out
     exact = x.double() @ w.T + 2.0 * (x.double() @ a.double().T) @ b.double().T
     state = layer.base_layer.state
     torch.testing.assert_close(
-        nf4_kernel.nf4_matmul(x, state, torch.float32, (a, b.t().contiguous(), 2.0)).double(),
+        kernels.nf4_matmul.nf4_matmul(
+            x, state, torch.float32, (a, b.t().contiguous(), 2.0)
+        ).double(),
         exact,
         rtol=1e-5,
         atol=1e-5,
@@ -257,15 +264,15 @@ def test_an_adapter_added_in_the_kernel_call_equals_the_lora_formula(rows, n_out
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_group_call_equals_each_weights_call(dtype):
     g = torch.Generator().manual_seed(1)
-    kernels = [
-        nf4_kernel.KernelWeight(quantize_nf4(torch.randn(n_out, 256, generator=g) * 0.05))
+    weights = [
+        kernels.nf4_matmul.KernelWeight(quantize_nf4(torch.randn(n_out, 256, generator=g) * 0.05))
         for n_out in (96, 32, 64)
     ]
     lora = (torch.randn(4, 256, generator=g), torch.randn(4, 32, generator=g), 0.5)  # A, B.T
     loras = [None, lora, None]
     x = torch.randn(3, 1, 256, generator=g).to(dtype)
-    group = nf4_kernel.KernelGroup(list(zip(kernels, loras, strict=True)))
+    group = kernels.nf4_matmul.KernelGroup(list(zip(weights, loras, strict=True)))
     got = group(x, dtype)
-    for y, k, lo in zip(got, kernels, loras, strict=True):
+    for y, k, lo in zip(got, weights, loras, strict=True):
         assert y.dtype == dtype and y.shape == (3, 1, k.shape[0])
         assert torch.equal(y, k(x, dtype, lo))

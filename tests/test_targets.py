@@ -5,7 +5,7 @@ from conftest import tiny_model
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.targets import anatomy, format_anatomy, module_tree, resolve_targets
+from lorakit.lora.targets import anatomy, format_anatomy, module_tree, resolve_targets
 
 
 def _leafs(names):
@@ -117,7 +117,7 @@ def test_candidates_see_gpt2_c_proj_twice():
 
 
 def test_targets_resolve_the_same_after_lora_is_attached():
-    from lorakit.lora import attach_lora
+    from lorakit.lora.layer import attach_lora
 
     model = tiny_model("llama")
     before, _ = resolve_targets(model, "default")

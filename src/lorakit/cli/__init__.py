@@ -1,0 +1,34 @@
+"""The `lorakit` command line: one module per command group, each parsing its flags and calling
+the package; `main` turns a user mistake (LorakitError) into one line on stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lorakit.errors import LorakitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lorakit.cli import adapters, anatomy, evaluate, generate, serve, train
+
+    parser = argparse.ArgumentParser(
+        prog="lorakit", description="QLoRA fine-tuning on the hardware you already have."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in (anatomy, train, generate, evaluate, adapters, serve):
+        group.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LorakitError as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,68 @@
+"""What several commands share: the --model/--adapter and sampling flags, loading a model with
+its adapters, and one-line warnings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lorakit.inference.sampling import Sampling
+from lorakit.lora.peft_format import load_adapter
+from lorakit.models.loading import ModelSource, load_model
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
+    p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    add_model_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+
+
+def sampling(args: argparse.Namespace) -> Sampling:
+    s = Sampling(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=tuple(args.stop or ()),
+        seed=args.seed,
+    )
+    s.validate()
+    return s
+
+
+def adapter_spec(spec: str) -> tuple[str, str]:
+    """(name, dir) from an --adapter value: NAME=DIR, or DIR named after its folder."""
+    name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+    return name, path
+
+
+def load_with_adapters(
+    args: argparse.Namespace, quant: str = "nf4"
+) -> tuple[nn.Module, Any, ModelSource, list[str]]:
+    """The base model plus each --adapter (NAME=DIR or DIR, named after its folder)."""
+    model, tokenizer, source = load_model(args.model, quant=quant)
+    names = []
+    for spec in args.adapter or []:
+        name, path = adapter_spec(spec)
+        config = load_adapter(model, path, name=name)
+        if config.base_model and config.base_model != source.name:
+            warn(f"adapter {name} was trained on {config.base_model}, not {source.name}")
+        names.append(name)
+    return model, tokenizer, source, names

@@ -1,0 +1,8 @@
+"""Compiled CPU kernels: one kernel per C file, each with its Python wrapper and, beside it, the
+pure-PyTorch reference it is tested against.
+
+Every wrapper returns None (or False) where its kernel does not apply: no C compiler, a CPU
+without AVX2, another dtype or device, `LORAKIT_NF4_KERNEL=0`. Callers then run the PyTorch
+path, so lorakit works everywhere and is fast where the kernels run. `_build` compiles the C
+files into one library at first use and caches it.
+"""

@@ -1,0 +1,384 @@
+"""Adapters on disk, in exactly PEFT's format.
+
+A directory holds `adapter_config.json` (`peft_type: "LORA"`, `r`, `lora_alpha`,
+`target_modules`, ...) and `adapter_model.safetensors` with keys like
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A is (r, in), B is (out, r)).
+What we save loads with `peft.PeftModel.from_pretrained`; what PEFT saves loads here. PEFT
+features we do not implement are refused by name, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.errors import LorakitError
+from lorakit.lora.layer import (
+    LoRALinear,
+    attach_lora,
+    is_conv1d,
+    is_linear_like,
+    layer_features,
+    lora_layers,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA settings of one adapter: what PEFT's LoraConfig records."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    target_modules: object = field(default_factory=list)  # list of names, or a regex string
+    base_model: str | None = None
+    fan_in_fan_out: bool = False  # True for GPT-2 Conv1D targets
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def to_peft(self) -> dict:
+        targets = self.target_modules
+        return {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model,
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "use_rslora": self.use_rslora,
+            "bias": "none",
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "rank_pattern": self.rank_pattern,
+            "alpha_pattern": self.alpha_pattern,
+            "use_dora": False,
+            "inference_mode": True,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft(cls, d: dict, where: str) -> AdapterConfig:
+        """Read a PEFT adapter_config.json dict, refusing features we do not implement."""
+        if d.get("peft_type", "LORA") != "LORA":
+            raise LorakitError(
+                f"{where}: peft_type {d.get('peft_type')!r} is not supported (LORA only)"
+            )
+        unsupported = {
+            "use_dora": "DoRA",
+            "modules_to_save": "modules_to_save (fully trained extra modules)",
+            "layer_replication": "layer_replication",
+            "trainable_token_indices": "trainable_token_indices",
+            "target_parameters": "target_parameters",
+            "lora_bias": "lora_bias",
+            "use_qalora": "QA-LoRA",
+            "alora_invocation_tokens": "aLoRA",
+            # LoRA variants whose forward differs from plain LoRA (VeLoRA and MiCA do not).
+            "arrow_config": "Arrow routing",
+            "use_bdlora": "BD-LoRA (block-diagonal factors)",
+            "kasa_config": "KaSA",
+            "monteclora_config": "MonteCLoRA",
+        }
+        for key, feature in unsupported.items():
+            # PEFT turns a sub-config dict into a dataclass, which is on even when empty ({}).
+            if isinstance(d.get(key), dict) or d.get(key):
+                raise LorakitError(
+                    f"{where}: the PEFT feature {feature} is not supported by lorakit"
+                )
+        if d.get("bias", "none") != "none":
+            raise LorakitError(f"{where}: trained biases (bias={d['bias']!r}) are not supported")
+        return cls(
+            rank=int(d.get("r", 8)),
+            alpha=float(d.get("lora_alpha", 8)),
+            dropout=float(d.get("lora_dropout", 0.0) or 0.0),
+            use_rslora=bool(d.get("use_rslora", False)),
+            target_modules=d.get("target_modules") or [],
+            base_model=d.get("base_model_name_or_path"),
+            fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+        )
+
+    def alpha_for(self, module_name: str) -> float:
+        """PEFT's alpha_pattern: the first pattern that matches the end of the name wins."""
+        for pattern, alpha in self.alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pattern})$", module_name):
+                return float(alpha)
+        return self.alpha
+
+
+def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights under PEFT's key names."""
+    out = {}
+    for module_name, layer in lora_layers(model):
+        if name in layer.lora_A:
+            out[f"{PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight
+            out[f"{PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight
+    return out
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, config: AdapterConfig, name: str = "default"
+) -> Path:
+    """Write adapter `name` in PEFT's format (each file atomically); returns the directory."""
+    path = Path(path)
+    # fp32 as PEFT's adapters usually are, whatever dtype the model was cast to (bf16 -> fp32
+    # is exact).
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in lora_state_dict(model, name).items()
+    }
+    if not tensors:
+        raise LorakitError(f"the model has no adapter named {name!r} to save")
+    config.fan_in_fan_out = any(
+        is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
+        for _, layer in lora_layers(model)
+        if name in layer.lora_A
+    )
+    _write_adapter(path, tensors, config)
+    return path
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and weights of an adapter directory, validated, without touching a model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LorakitError(f"adapter directory {path} not found")
+    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not weights_file.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise LorakitError(
+                f"{path} holds adapter_model.bin (pickle), which lorakit never loads; convert it: "
+                "PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise LorakitError(f"{path} has no {WEIGHTS_NAME}; is it an adapter directory?")
+    if not config_file.is_file():
+        raise LorakitError(f"{path} has no {CONFIG_NAME}; is it an adapter directory?")
+    try:
+        config = AdapterConfig.from_peft(json.loads(config_file.read_text()), str(config_file))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise LorakitError(f"{config_file} is not a valid adapter config: {e}") from None
+    try:
+        weights = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LorakitError(f"{weights_file} is corrupt or unreadable ({e}); re-save it") from None
+    return config, weights
+
+
+def _group_weights(
+    weights: dict[str, torch.Tensor], where: Path
+) -> dict[str, dict[str, torch.Tensor]]:
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise LorakitError(f"{where}: unexpected tensor {key!r} (not a LoRA A/B weight)")
+        modules.setdefault(match.group(1), {})[match.group(2)] = tensor
+    for module_name, pair in modules.items():
+        if set(pair) != {"A", "B"}:
+            raise LorakitError(f"{where}: {module_name} has lora_A or lora_B but not both")
+    if not modules:
+        raise LorakitError(f"{where}: the adapter holds no LoRA weights")
+    return modules
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> AdapterConfig:
+    """Attach the adapter at `path` to `model` as adapter `name` (any rank, any layer subset)."""
+    config, weights = read_adapter(path)
+    modules = _group_weights(weights, Path(path))
+    # Check every module before wrapping any, so an error leaves the model untouched.
+    for module_name, pair in modules.items():
+        _check_target(model, path, config, module_name, pair["A"], pair["B"], name)
+    for module_name, pair in modules.items():
+        a, b = pair["A"], pair["B"]
+        alpha = config.alpha_for(module_name)
+        attach_lora(
+            model, [module_name], name, a.shape[0], alpha, config.dropout, config.use_rslora
+        )
+        layer = model.get_submodule(module_name)
+        assert isinstance(layer, LoRALinear)
+        layer.lora_A[name].weight.data.copy_(a)
+        layer.lora_B[name].weight.data.copy_(b)
+        layer.lora_A[name].requires_grad_(False)
+        layer.lora_B[name].requires_grad_(False)
+    return config
+
+
+def _check_target(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: AdapterConfig,
+    module_name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    name: str,
+) -> None:
+    """Refuse a module the model lacks, that has adapter `name`, or that A/B do not fit."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        raise LorakitError(
+            f"{path}: the adapter targets {module_name}, which this model lacks; it was made "
+            f"for another architecture (base: {config.base_model})"
+        ) from None
+    rank = a.shape[0]
+    wrapped = isinstance(module, LoRALinear)
+    if wrapped and name in module.lora_A:
+        raise LorakitError(
+            f"adapter {name!r} already exists on {module_name}; load it under another name"
+        )
+    if not (wrapped or is_linear_like(module)):
+        raise LorakitError(f"the adapter targets a {type(module).__name__}, not a linear layer")
+    in_f, out_f = layer_features(module)  # a LoRALinear reports its base layer's features
+    if a.shape != (rank, in_f) or b.shape != (out_f, rank):
+        raise LorakitError(
+            f"{path}: {module_name} needs A {(rank, in_f)}, B {(out_f, rank)}; the adapter has "
+            f"{tuple(a.shape)} and {tuple(b.shape)}: it was made for a model of another size"
+        )
+
+
+def combine_adapters(
+    paths: list[str | os.PathLike], weights: list[float], out: str | os.PathLike
+) -> AdapterConfig:
+    """One adapter whose update is sum_i w_i * (its update), exactly, for any ranks.
+
+    delta_i = s_i B_i A_i, so sum_i w_i delta_i = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...] @ [A_1; ...]:
+    A and B are concatenated along the rank (modules an adapter lacks get zero blocks) and the
+    new scaling is 1 (alpha = rank).
+    """
+    if len(paths) != len(weights):
+        raise LorakitError(f"{len(weights)} weights for {len(paths)} adapters")
+    loaded = [
+        (cfg, _group_weights(w, Path(p)))
+        for p, (cfg, w) in zip(paths, map(read_adapter, paths), strict=True)
+    ]
+    modules = sorted({m for _, mods in loaded for m in mods})
+    shapes: dict[str, tuple[int, int]] = {}
+    for path, (_, mods) in zip(paths, loaded, strict=True):
+        for m, pair in mods.items():
+            shape = (pair["A"].shape[1], pair["B"].shape[0])
+            if shapes.setdefault(m, shape) != shape:
+                raise LorakitError(
+                    f"{path}: {m} has shape {shape}, another adapter {shapes[m]}: "
+                    "these adapters belong to different base models"
+                )
+    ranks = [max(pair["A"].shape[0] for pair in mods.values()) for _, mods in loaded]
+    tensors = {}
+    for m in modules:
+        fin, fout = shapes[m]
+        a_blocks, b_blocks = [], []
+        for (cfg, mods), w, r in zip(loaded, weights, ranks, strict=True):
+            pair = mods.get(m)
+            if pair is None:
+                a_blocks.append(torch.zeros(r, fin))
+                b_blocks.append(torch.zeros(fout, r))
+                continue
+            rank = pair["A"].shape[0]
+            alpha = cfg.alpha_for(m)
+            scaling = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
+            pad = r - rank  # a module with a smaller rank (rank_pattern) is padded with zeros
+            a_blocks.append(torch.cat([pair["A"].float(), torch.zeros(pad, fin)]))
+            b_blocks.append(
+                torch.cat([pair["B"].float() * (w * scaling), torch.zeros(fout, pad)], 1)
+            )
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = torch.cat(a_blocks).contiguous()
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = torch.cat(b_blocks, 1).contiguous()
+    first = loaded[0][0]
+    total = sum(ranks)
+    config = AdapterConfig(
+        rank=total,
+        alpha=float(total),
+        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        base_model=first.base_model,
+        fan_in_fan_out=first.fan_in_fan_out,
+    )
+    _write_adapter(Path(out), tensors, config)
+    return config
+
+
+def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+    from safetensors.torch import save_file
+
+    # Serialize the config first: if that fails, neither file has been replaced yet.
+    config_text = json.dumps(config.to_peft(), indent=2) + "\n"
+    atomic_write(
+        path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
+    )
+    atomic_write_text(path / CONFIG_NAME, config_text)
+
+
+def adapter_library(folder: str | os.PathLike, base: str | None = None) -> list[dict]:
+    """Every adapter directory under `folder`: name, base, rank, targets, size, training metrics."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LorakitError(f"{folder} is not a directory")
+    rows = []
+    for config_file in sorted(folder.rglob(CONFIG_NAME)):
+        path = config_file.parent
+        try:
+            config = AdapterConfig.from_peft(json.loads(config_file.read_text()), str(config_file))
+        except (LorakitError, json.JSONDecodeError, ValueError) as e:
+            rows.append(
+                {
+                    "name": str(path.relative_to(folder)),
+                    "base_model": None,
+                    "rank": "?",
+                    "targets": "",
+                    "size_mb": 0.0,
+                    "steps": None,
+                    "eval_loss": None,
+                    "warning": f"{path}: unreadable adapter ({e})",
+                }
+            )
+            continue
+        weights = path / WEIGHTS_NAME
+        steps, eval_loss = _training_metrics(path)
+        targets = config.target_modules
+        row = {
+            "name": str(path.relative_to(folder)) if path != folder else path.name,
+            "path": str(path),
+            "base_model": config.base_model,
+            "rank": config.rank,
+            "targets": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+            "size_mb": weights.stat().st_size / 1e6 if weights.is_file() else 0.0,
+            "steps": steps,
+            "eval_loss": eval_loss,
+        }
+        if base is not None and config.base_model not in (None, base):
+            row["warning"] = f"{row['name']} was trained on {config.base_model}, not {base}"
+        rows.append(row)
+    return rows
+
+
+def _training_metrics(path: Path) -> tuple[int | None, float | None]:
+    """(steps, final eval loss) from a lorakit run's metrics.jsonl, if there is one."""
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return None, None
+    steps, eval_loss = None, None
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        steps = row.get("step", steps)
+        eval_loss = row.get("eval_loss", eval_loss)
+    return steps, eval_loss

@@ -1,0 +1,329 @@
+"""Which modules to adapt, and the model's anatomy.
+
+A target spec is one of:
+  - `default` (or nothing): the attention projections of the architecture (table below);
+  - `all-linear`: every linear layer except the output head (as QLoRA does);
+  - names, comma-separated: a module matches name `t` when its full name is `t` or ends in
+    `.t` (PEFT's rule), so `q_proj` or `attn.c_proj` both work;
+  - `re:REGEX`: module full names that match REGEX entirely (PEFT's rule for a string).
+
+Unknown architectures fall back to a rule on module names: every linear layer inside a module
+whose name contains `attn` or `attention`; if there is none, all-linear.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora.layer import LoRALinear, is_linear_like, layer_features
+
+# Attention projections per `config.model_type` (names as in transformers' modeling files).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **dict.fromkeys(
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen2_moe",
+            "qwen3",
+            "qwen3_moe",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "olmo",
+            "olmo2",
+            "stablelm",
+            "starcoder2",
+            "granite",
+            "cohere",
+            "deepseek_v2",
+            "internlm2",
+            "smollm3",
+            "phimoe",
+            "exaone",
+            "helium",
+        ],
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ),
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "gpt_bigcode": ["attn.c_attn", "attn.c_proj"],
+    "phi": ["q_proj", "k_proj", "v_proj", "self_attn.dense"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt_neox": ["attention.query_key_value", "attention.dense"],
+    "falcon": ["self_attention.query_key_value", "self_attention.dense"],
+    "bloom": ["self_attention.query_key_value", "self_attention.dense"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "gpt_neo": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "codegen": ["qkv_proj", "out_proj"],
+    "mpt": ["Wqkv", "out_proj"],
+}
+
+
+def _matches(module_name: str, target: str) -> bool:
+    return module_name == target or module_name.endswith("." + target)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear-like module that may carry an adapter (the output head never does).
+
+    A layer already wrapped by LoRA counts under its own name (not `.base_layer`).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, module in model.named_modules():
+        wrapped = isinstance(module, LoRALinear)
+        inside = name.endswith(".base_layer") or ".lora_" in name
+        if wrapped or (is_linear_like(module) and module is not head and not inside):
+            found[name] = module
+    return found
+
+
+def role(module_name: str) -> str:
+    """The module's place in the repeated block: layer indices replaced by `*`."""
+    return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
+
+
+def short_names(names: Sequence[str]) -> dict[str, str]:
+    """role -> the shortest name suffix that selects exactly the modules of that role."""
+    out = {}
+    for r in sorted({role(n) for n in names}):
+        parts = [p for p in r.split(".") if p != "*"]
+        out[r] = parts[-1]  # ambiguous leaf name if no suffix is unique (a rare layout)
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if {role(n) for n in names if _matches(n, suffix)} == {r}:
+                out[r] = suffix
+                break
+    return out
+
+
+def default_target_names(model: nn.Module) -> tuple[list[str], str]:
+    """The default target names for this model and the reason for them."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type], f"attention projections of {model_type}"
+    names = linear_modules(model)
+    attn = [n for n in names if re.search(r"attn|attention", n, re.IGNORECASE)]
+    if attn:
+        table = short_names(attn)
+        reason = f"unknown architecture {model_type!r}: linear layers inside attention modules"
+        return sorted(set(table.values())), reason
+    return [
+        "all-linear"
+    ], f"unknown architecture {model_type!r} with no attention module: all-linear"
+
+
+def resolve_targets(model: nn.Module, spec: str | Sequence[str] | None) -> tuple[list[str], object]:
+    """Full module names selected by `spec`, and the `target_modules` value PEFT should save."""
+    candidates = linear_modules(model)
+    if spec is None or spec == "default" or spec == ["default"]:
+        spec, _ = default_target_names(model)
+    if isinstance(spec, str):
+        spec = (
+            [s.strip() for s in spec.split(",") if s.strip()]
+            if not spec.startswith("re:")
+            else [spec]
+        )
+    if not spec:
+        raise LorakitError("empty target spec; use default, all-linear, names or re:REGEX")
+    if list(spec) == ["all-linear"]:
+        selected = list(candidates)
+        peft_targets: object = sorted(set(short_names(selected).values()))
+    elif len(spec) == 1 and spec[0].startswith("re:"):
+        pattern = spec[0][3:]
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise LorakitError(f"target regex {pattern!r} is invalid: {e}") from None
+        selected = [n for n in candidates if regex.fullmatch(n)]
+        peft_targets = pattern
+        if not selected:
+            raise LorakitError(
+                f"target regex {pattern!r} matches no linear layer; candidates: "
+                + ", ".join(sorted(set(short_names(list(candidates)).values())))
+            )
+    else:
+        selected, peft_targets = [], sorted(set(spec))
+        for target in spec:
+            hits = [n for n in candidates if _matches(n, target)]
+            if not hits:
+                raise LorakitError(
+                    f"target {target!r} matches no linear layer; candidates: "
+                    + ", ".join(sorted(set(short_names(list(candidates)).values())))
+                    + " (or all-linear, or re:REGEX)"
+                )
+            selected += hits
+    order = {n: i for i, n in enumerate(candidates)}
+    return sorted(set(selected), key=order.__getitem__), peft_targets
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One kind of linear layer in the model, as a LoRA target."""
+
+    name: str  # the short target name that selects exactly these modules
+    role: str  # full module name with layer indices as `*`
+    count: int
+    in_features: int
+    out_features: int
+    params: int  # base parameters in all modules of this kind
+    default: bool
+
+
+def candidates(model: nn.Module) -> list[Candidate]:
+    modules = linear_modules(model)
+    table = short_names(list(modules))
+    default_names, _ = default_target_names(model)
+    default_selected = set(resolve_targets(model, default_names)[0])
+    by_role: dict[str, list[str]] = {}
+    for n in modules:
+        by_role.setdefault(role(n), []).append(n)
+    out = []
+    for r, names in by_role.items():
+        fin, fout = layer_features(modules[names[0]])
+        out.append(
+            Candidate(
+                name=table[r],
+                role=r,
+                count=len(names),
+                in_features=fin,
+                out_features=fout,
+                params=sum(fin * fout for _ in names),
+                default=names[0] in default_selected,
+            )
+        )
+    return out
+
+
+def lora_param_count(model: nn.Module, module_names: Sequence[str], rank: int) -> int:
+    """Trainable parameters of a rank-`rank` adapter on these modules: rank * (in + out) each."""
+    return sum(rank * sum(layer_features(model.get_submodule(n))) for n in module_names)
+
+
+def candidate_dicts(model: nn.Module) -> list[dict]:
+    return [asdict(c) for c in candidates(model)]
+
+
+# --- anatomy: what `lorakit inspect` shows ------------------------------------------------------
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # codes + 8-bit absmax per 64 + fp32 scale per 256 blocks
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _human(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def _describe(module: nn.Module) -> str:
+    kind = type(module).__name__
+    if is_linear_like(module):
+        fin, fout = layer_features(module)
+        bias = getattr(module, "bias", None) is not None
+        return f"{kind}({fin}→{fout}{', bias' if bias else ''})"
+    if isinstance(module, nn.Embedding):
+        return f"{kind}({module.num_embeddings}, {module.embedding_dim})"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.Parameter) and not list(module.children()):
+        return f"{kind}({tuple(weight.shape)})"
+    return kind
+
+
+def module_tree(model: nn.Module) -> list[str]:
+    """`print(model)`, condensed: identical repeated blocks fold into `(0-29): 30 x Block`."""
+    lines: list[str] = []
+
+    def visit(label: str, module: nn.Module, depth: int) -> None:
+        count = _count(module)
+        lines.append(
+            f"{'  ' * depth}{label}: {_describe(module)}"
+            + (f"  [{_human(count)}]" if count else "")
+        )
+        children = list(module.named_children())
+        if isinstance(module, nn.ModuleList) and len(children) > 1:
+            first = str(children[0][1])
+            if all(str(c) == first for _, c in children[1:]):
+                block = children[0][1]
+                fold = f"(0-{len(children) - 1}): {len(children)} x {type(block).__name__}"
+                lines.append(f"{'  ' * (depth + 1)}{fold}  [{_human(_count(block))} each]")
+                for name, child in block.named_children():
+                    visit(name, child, depth + 2)
+                return
+        for name, child in children:
+            visit(name, child, depth + 1)
+
+    visit(type(model).__name__, model, 0)
+    lines[0] = lines[0].split(": ", 1)[1] if ": " in lines[0] else lines[0]
+    return lines
+
+
+def anatomy(model: nn.Module, rank: int = 16, spec: str | None = None) -> dict:
+    """Everything `lorakit inspect` reports, as plain data (JSON-ready)."""
+    if rank <= 0:
+        raise LorakitError(f"rank must be a positive integer, got {rank}; try --rank 16")
+    total = _count(model)
+    quantized = sum(
+        sum(p.numel() for p in m.parameters(recurse=False)) for m in linear_modules(model).values()
+    )
+    selected, _ = resolve_targets(model, spec)
+    lora = lora_param_count(model, selected, rank)
+    default_names, reason = default_target_names(model)
+    config = getattr(model, "config", None)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "parameters": total,
+        "tree": module_tree(model),
+        "candidates": candidate_dicts(model),
+        "default_targets": default_names,
+        "default_reason": reason,
+        "adapter": {
+            "rank": rank,
+            "targets": spec or "default",
+            "modules": len(selected),
+            "parameters": lora,
+            "share_of_model": lora / total,
+            "size_mb": lora * 4 / 1e6,  # fp32 safetensors, as PEFT saves
+        },
+        "memory_mb": {
+            "fp32": total * 4 / 1e6,
+            "bf16": total * 2 / 1e6,
+            "nf4": (quantized * NF4_BITS / 8 + (total - quantized) * 2) / 1e6,
+        },
+    }
+
+
+def format_anatomy(report: dict, title: str) -> str:
+    """The human-readable inspect report."""
+    a, mem = report["adapter"], report["memory_mb"]
+    out = [f"{title} ({report['model_type']}): {_human(report['parameters'])} parameters", ""]
+    out += ["Module tree", *("  " + line for line in report["tree"]), ""]
+    out.append(f"LoRA target candidates (adapter size at rank {a['rank']})")
+    row = "  {:<28}{:>8}  {:>12}  {:>12}  {:>12}  {}".format
+    out.append(row("target", "modules", "shape", "base params", "LoRA params", "default"))
+    for c in report["candidates"]:
+        shape = f"{c['in_features']}→{c['out_features']}"
+        lora = a["rank"] * (c["in_features"] + c["out_features"]) * c["count"]
+        mark = "yes" if c["default"] else ""
+        out.append(row(c["name"], c["count"], shape, _human(c["params"]), _human(lora), mark))
+    out += [
+        "",
+        f"Default targets: {', '.join(report['default_targets'])} ({report['default_reason']}).",
+        f"Adapter at --rank {a['rank']} --targets {a['targets']}: {a['modules']} modules, "
+        f"{_human(a['parameters'])} trainable parameters ({a['share_of_model']:.2%} of the model), "
+        f"{a['size_mb']:.1f} MB on disk.",
+        f"Base model memory: fp32 {mem['fp32']:.0f} MB, bf16 {mem['bf16']:.0f} MB, "
+        f"NF4 {mem['nf4']:.0f} MB (linear layers in NF4 with double quantization, the rest bf16).",
+    ]
+    return "\n".join(out)

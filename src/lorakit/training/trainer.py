@@ -1,0 +1,408 @@
+"""The QLoRA training loop.
+
+load (NF4 base) -> attach LoRA -> AdamW over the adapter only, warmup + cosine, gradient
+accumulation and clipping -> periodic eval -> atomic checkpoints -> adapter in PEFT's format.
+
+Memory tricks: the base is NF4 and dequantized per use (`NF4Linear`); the loss is computed over
+the labelled tokens only, in chunks whose logits are recomputed in backward, so the full
+(tokens x vocabulary) logits never exist in fp32 at once. Compute runs in bf16 autocast where
+the hardware has it. Resuming restores weights, optimizer, RNG and data position, so a resumed
+run follows the same loss curve as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.atomic import atomic_write_text
+from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
+from lorakit.lora.peft_format import AdapterConfig, save_adapter
+from lorakit.lora.targets import resolve_targets
+from lorakit.models.chat import pad_id
+from lorakit.models.loading import load_model
+from lorakit.models.patches import training_patches
+from lorakit.models.precision import autocast, default_dtype
+from lorakit.quant.linear import dequantized_weights, free_memory, use_weight_cache
+from lorakit.training import data as D
+from lorakit.training.config import TrainConfig, check_fits_model, resolve_device, to_json, validate
+from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
+from lorakit.training.rundir import (
+    count_lines,
+    load_checkpoint,
+    plot_losses,
+    prepare_out_dir,
+    save_checkpoint,
+    write_model_card,
+)
+
+# --- data order and schedule ---------------------------------------------------------------------
+
+
+def batch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
+    """A fixed shuffle of micro-batch indices per epoch (so resuming needs only the step)."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_batches, generator=g).tolist()
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup to 1, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# Tokens per pass for a small model on CPU. SmolLM2-135M, sequences of 512 tokens, throwaway
+# in-process A/Bs: two per pass instead of one 4.35 -> 4.12 s per 4 sequences; four instead of
+# two 4.47 -> 4.34 and 4.45 -> 4.32 s (peak RSS over 16-sequence steps ~1500 -> ~2050 MB).
+PASS_TOKENS = 2048
+
+
+def micro_batch_size(cfg: TrainConfig, device: torch.device, model: nn.Module) -> int:
+    """Sequences per forward/backward pass. Splitting a batch gives the same gradients (the
+    loss is normalised over the whole step) and keeps activations small. Auto: the whole batch
+    on a GPU; on CPU about PASS_TOKENS tokens for a small model (hidden size under 1024), whose
+    512-token passes are bound by per-operation overhead, else one sequence: a larger model's
+    matmuls run at full speed with one sequence, and its activations are big."""
+    if cfg.micro_batch:
+        return min(cfg.micro_batch, cfg.batch_size)
+    if device.type != "cpu":
+        return cfg.batch_size
+    if model.config.get_text_config().hidden_size >= 1024:
+        return 1
+    return max(1, min(cfg.batch_size, PASS_TOKENS // cfg.seq_len))
+
+
+def use_grad_checkpointing(setting: str, model: nn.Module, tokens_per_batch: int) -> bool:
+    """auto: on when the activations of one micro-batch would take over 1/4 of free memory."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    cfg = model.config.get_text_config()
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    activations = layers * tokens_per_batch * hidden * 34 * 2  # Korthikanti et al. estimate, bf16
+    return activations > free_memory(torch.device("cpu")) / 4  # unknown (0): on
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def stop_on_interrupt() -> Iterator[_StopFlag]:
+    """The first Ctrl-C asks the loop to stop after the current step (which then checkpoints);
+    a second one interrupts at once."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -> AdapterConfig:
+    return AdapterConfig(
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora,
+        target_modules=peft_targets,
+        base_model=base_name,
+    )
+
+
+def attach_adapter(model: nn.Module, cfg: TrainConfig) -> tuple[list[str], object]:
+    """Adapter "default" on cfg.targets, the only trainable parameters of the model."""
+    modules, peft_targets = resolve_targets(model, cfg.targets)
+    attach_lora(model, modules, "default", cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    mark_only_lora_trainable(model)
+    return modules, peft_targets
+
+
+@contextmanager
+def training_setup(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    micro: int,
+    packed_attention: bool = True,
+) -> Iterator[None]:
+    """What a run changes on the model for its duration, undone after: training's faster
+    forwards (models.patches), gradient checkpointing where activations would not fit, and the
+    base dequantized once where that copy fits (quant.linear.use_weight_cache). The bench
+    scripts run under it too, so that they measure what `train` runs."""
+    with ExitStack() as stack:
+        stack.enter_context(training_patches(model, packed_attention))
+        if use_grad_checkpointing(cfg.grad_checkpointing, model, micro * cfg.seq_len):
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+            stack.callback(model.gradient_checkpointing_disable)
+        if use_weight_cache(model, dtype, device, cfg.cache_weights, training=True):
+            stack.enter_context(dequantized_weights(model, dtype))
+        yield
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a run produced, for the CLI's summary and for tests."""
+
+    out: Path
+    steps: int
+    first_eval_loss: float | None
+    final_eval_loss: float | None
+    final_train_loss: float | None
+    tokens_per_s: float
+    wall_s: float
+    adapter_mb: float
+    interrupted: bool = False
+
+
+def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[list, list, list[dict]]:
+    """Packed train and eval sequences, and the eval examples (for before/after answers)."""
+    examples = D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
+    if examples.skipped:
+        print(f"skipped {examples.skipped} bad line(s) in {cfg.data}")
+    if cfg.eval_data:
+        train_ex, eval_ex = list(examples), list(D.load_examples(cfg.eval_data, cfg.skip_bad_lines))
+    else:
+        train_ex, eval_ex = D.split_examples(examples, seed=cfg.seed)
+
+    def pack(items: list[dict]) -> list:
+        tokenized = [D.tokenize_example(e, tokenizer, cfg.train_on_prompt) for e in items]
+        return D.pack_sequences(tokenized, cfg.seq_len)
+
+    return pack(train_ex), pack(eval_ex), eval_ex
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainable: list[nn.Parameter],
+    batches: list[dict],
+    device: torch.device,
+    dtype: torch.dtype,
+    cfg: TrainConfig,
+) -> dict:
+    """One optimizer step over `batches` (the accumulated micro-batches); returns its metrics."""
+    n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    loss_total, tokens = 0.0, 0
+    with reused_logits():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(device, dtype):
+                loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
+            # Normalise by the step's labelled tokens: accumulating equals one big batch.
+            (loss_sum / max(n_total, 1)).backward()
+            loss_total += loss_sum.item()
+            tokens += int(batch["real_tokens"])
+            del batch, loss_sum
+    clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
+
+
+class _Metrics:
+    """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
+
+    def __init__(self, path: Path, resume_lines: int | None) -> None:
+        self.path = path
+        if resume_lines is None:
+            atomic_write_text(path, "")
+        else:  # drop what was logged after the checkpoint we resume from
+            kept = path.read_text().splitlines()[:resume_lines]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def lines(self) -> int:
+        return count_lines(self.path)
+
+
+@dataclass
+class _Run:
+    """One training run's moving parts, between `train`'s set-up and its results."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_set: list  # packed rows
+    evals: list[dict]  # collated eval batches
+    collate: Callable[[list], dict]
+    device: torch.device
+    dtype: torch.dtype
+    micro_size: int  # sequences per forward/backward pass
+    metrics: _Metrics
+
+    @property
+    def total_steps(self) -> int:
+        n_batches = math.ceil(len(self.train_set) / self.cfg.batch_size)
+        return self.cfg.steps or max(
+            1, math.ceil(self.cfg.epochs * n_batches / self.cfg.grad_accum)
+        )
+
+    def evaluate(self, step: int) -> None:
+        if self.evals:
+            loss = evaluate(self.model, self.evals, self.device, self.dtype, self.cfg.loss_chunk)
+            self.metrics.log({"step": step, "eval_loss": loss})
+
+    def batches(self, step: int) -> list[dict]:
+        """The micro-batches of optimizer step `step` (a fixed order: resumable by step alone)."""
+        cfg, n_batches = self.cfg, math.ceil(len(self.train_set) / self.cfg.batch_size)
+        micro = []
+        for k in range(cfg.grad_accum):
+            m = step * cfg.grad_accum + k  # global batch index
+            i = batch_order(n_batches, cfg.seed, m // n_batches)[m % n_batches]
+            rows = self.train_set[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            size = self.micro_size
+            micro += [self.collate(rows[j : j + size]) for j in range(0, len(rows), size)]
+        return micro
+
+    def loop(self, start: int, progress: bool) -> tuple[int, int]:
+        """Optimizer steps from `start` on, with logging, periodic eval and checkpoints;
+        returns (steps done, tokens seen). Ctrl-C stops it after the current step."""
+        from tqdm.auto import tqdm
+
+        cfg, total = self.cfg, self.total_steps
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
+        t0, tokens_seen, done = time.perf_counter(), 0, start
+        with stop_on_interrupt() as stop:
+            for step in range(start, total):
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(step, total, warmup)
+                batches = self.batches(step)
+                row = train_step(
+                    self.model, self.optimizer, trainable, batches, self.device, self.dtype, cfg
+                )
+                done, tokens_seen = step + 1, tokens_seen + row["tokens"]
+                elapsed = time.perf_counter() - t0
+                speed, lr = tokens_seen / elapsed, self.optimizer.param_groups[0]["lr"]
+                self.metrics.log(
+                    {"step": done, **row, "lr": lr, "tokens_per_s": speed, "elapsed_s": elapsed}
+                )
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{speed:.0f}")
+                bar.update(1)
+                if stop.requested:
+                    break
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+                    self.evaluate(done)
+                if cfg.save_every and done % cfg.save_every == 0 and done < total:
+                    self.checkpoint(done)
+        bar.close()
+        return done, tokens_seen
+
+    def checkpoint(self, step: int) -> None:
+        path = Path(self.cfg.out) / "checkpoint"
+        save_checkpoint(path, self.model, self.optimizer, step, self.metrics.lines())
+
+
+def train(
+    cfg: TrainConfig,
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    base_name: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run one training job and save the adapter (PEFT's format) in cfg.out. `model` and
+    `tokenizer` may be passed in (a model from `load_model`); else cfg.model is loaded. The
+    model keeps the trained adapter as "default", active, in eval mode."""
+    validate(cfg)
+    out = prepare_out_dir(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
+        base_name = source.name
+    check_fits_model(cfg, model)
+    base_name = base_name or cfg.model
+    dtype = default_dtype(device)
+    train_set, eval_set, _ = build_datasets(cfg, tokenizer)
+    _, peft_targets = attach_adapter(model, cfg)
+    model.to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    pad = pad_id(tokenizer)
+
+    def collate(rows: list) -> dict:
+        b = D.collate(rows, dtype, pad_id=pad, pad_multiple=D.ROW_MULTIPLE)
+        b["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in rows))  # excl. padding
+        return b
+
+    eval_rows, size = eval_set[: cfg.eval_max_sequences], cfg.batch_size
+    evals = [collate(eval_rows[i : i + size]) for i in range(0, len(eval_rows), size)]
+    start, resume_lines = 0, None
+    if cfg.resume:
+        meta = load_checkpoint(out / "checkpoint", model, optimizer)
+        start, resume_lines = meta["step"], meta["metrics_lines"]
+    else:
+        atomic_write_text(out / "train_config.json", to_json(cfg))
+    metrics = _Metrics(out / "metrics.jsonl", resume_lines)
+    micro = micro_batch_size(cfg, device, model)
+    run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
+    with training_setup(model, cfg, device, dtype, micro):
+        if start == 0:
+            run.evaluate(0)
+        model.train()
+        t0 = time.perf_counter()
+        done, tokens_seen = run.loop(start, progress)
+        wall = time.perf_counter() - t0
+        interrupted = done < run.total_steps
+        if not interrupted:
+            run.evaluate(done)
+    model.eval()
+    run.checkpoint(done)
+    save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name))
+    plot_losses(metrics.path, out / "loss.png")
+    result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
+    write_model_card(out, cfg, base_name, result)
+    return result
+
+
+def summarize(
+    out: Path, steps: int, tokens_per_s: float, wall: float, interrupted: bool
+) -> TrainResult:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return TrainResult(
+        out=out,
+        steps=steps,
+        first_eval_loss=evals[0] if evals else None,
+        final_eval_loss=evals[-1] if len(evals) > 1 else None,
+        final_train_loss=losses[-1] if losses else None,
+        tokens_per_s=tokens_per_s,
+        wall_s=wall,
+        adapter_mb=(out / "adapter_model.safetensors").stat().st_size / 1e6,
+        interrupted=interrupted,
+    )
