@@ -30,7 +30,8 @@ from lorakit.models.merge import merge_into_base
 from lorakit.quant.linear import NF4Linear
 from lorakit.quant.nf4 import NF4State, dequantize_nf4, quantize_nf4
 from lorakit.training.config import TrainConfig
-from lorakit.training.trainer import TrainResult, train
+from lorakit.training.rundir import TrainResult
+from lorakit.training.trainer import train
 
 __version__ = "0.1.0"
 

@@ -16,6 +16,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         import uvicorn
 
         from lorakit.server import app as server
+        from lorakit.server.schemas import ADAPTER_NAME
     except ImportError as e:
         raise LorakitError(
             f"lorakit serve needs FastAPI and uvicorn ({e}); pip install 'lorakit[serve]'"
@@ -31,7 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY") or None
     adapters = [adapter_spec(spec) for spec in args.adapter or []]
     for adapter, path in adapters:
-        if not server.ADAPTER_NAME.match(adapter):
+        if not ADAPTER_NAME.match(adapter):
             raise LorakitError(f"adapter name {adapter!r}: use letters, digits, '.', '_', '-'")
         if not Path(path).is_dir():
             raise LorakitError(f"adapter directory {path} not found")

@@ -18,8 +18,8 @@ from lorakit.models.loading import load_model
 from lorakit.models.precision import autocast
 from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, resolve_device, validate
-from lorakit.training.rundir import prepare_out_dir
-from lorakit.training.trainer import TrainResult, train
+from lorakit.training.rundir import TrainResult, prepare_out_dir
+from lorakit.training.trainer import train
 
 # `lorakit train` on the embedded data, without --steps/--epochs/--lr: a few minutes on 2 cores.
 DEMO_PRESET = {"steps": 30, "lr": 1e-3}

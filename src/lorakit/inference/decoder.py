@@ -17,7 +17,7 @@ decoding step through the compiled bf16 matmul where it applies.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -45,6 +45,25 @@ class Decoder(Protocol):
     def extend(self, other: Decoder) -> None: ...  # append other's rows, right-aligned
 
     def adapters_changed(self) -> None: ...  # adapters or weight caches changed since last call
+
+
+def left_padded(
+    prompts: Sequence[list[int]], pad: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Prompts as one batch (ids, attention mask), each (B, longest): every prompt ends in the
+    last column, padding (mask 0) on its left."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, longest - len(p) :] = torch.tensor(p)
+        mask[i, longest - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: Tensor, t: int) -> Tensor:
+    """The positions (B, t) of the last t columns of `mask`: each row counts its own tokens."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -t:]
 
 
 def new_decoder(model: nn.Module, capacity: int, length: int | None = None) -> Decoder:

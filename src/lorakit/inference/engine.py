@@ -24,54 +24,27 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.inference.decoder import Decoder, check_joinable, new_decoder, output_head_kernel
+from lorakit.inference.decoder import (
+    Decoder,
+    check_joinable,
+    left_padded,
+    new_decoder,
+    output_head_kernel,
+    positions,
+)
 from lorakit.inference.kv_cache import cat_rows
-from lorakit.inference.sampling import Sampling, greedy, next_tokens
+from lorakit.inference.request import AdapterInUse, Busy, Request, UnknownAdapter
+from lorakit.inference.sampling import greedy, next_tokens
 from lorakit.lora.layer import folded_adapters, lora_layers, row_adapters, set_active_adapters
 from lorakit.lora.peft_format import load_adapter
 from lorakit.models.loading import context_length
 from lorakit.models.precision import autocast
 from lorakit.quant.linear import dequantized_weights, use_weight_cache
-
-# emit(kind, value): ("token", id), ("finish", "stop" | "length") or ("error", message).
-Emit = Callable[[str, Any], None]
-
-
-class Busy(LorakitError):
-    """The waiting queue is full; the client should retry later (HTTP 429)."""
-
-
-class UnknownAdapter(LorakitError):
-    """No adapter of that name is loaded (HTTP 404)."""
-
-
-class AdapterInUse(LorakitError):
-    """An adapter cannot be unloaded while requests use it (HTTP 409)."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One generation: the engine calls `emit` from its thread for every event."""
-
-    prompt: list[int]
-    sampling: Sampling
-    emit: Emit
-    adapter: str | None = None  # None: the bare base
-    generated: int = 0
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    finished: bool = False
-    generator: torch.Generator | None = None
-
-    def cancel(self) -> None:
-        """Stop generating (thread-safe); the row leaves the batch before the next step."""
-        self.cancelled.set()
 
 
 class Engine:
@@ -209,7 +182,7 @@ class Engine:
             _run_command(fn, future)
         self._drop(set(pending))
         for r in pending:
-            _emit(r, "error", "the server is shutting down")
+            r.send("error", "the server is shutting down")
 
     # --- the engine thread ------------------------------------------------------------------
 
@@ -230,7 +203,7 @@ class Engine:
                     self._drop(failed)
                     self._admitting = []
                     for r in failed:
-                        _emit(r, "error", f"generation failed: {e}")
+                        r.send("error", f"generation failed: {e}")
 
     @torch.no_grad()
     def step(self) -> None:
@@ -263,9 +236,8 @@ class Engine:
     ) -> torch.Tensor:
         """Feed ids (B, t) to `decoder`; mask (B, T) covers its cache and them -> the last
         position's logits (B, V)."""
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1] :]
         with self._adapters(rows, decode):
-            return decoder(ids, mask, positions)
+            return decoder(ids, mask, positions(mask, ids.shape[1]))
 
     def _adapters(self, rows: list[Request], decode: bool) -> AbstractContextManager:
         """Set the adapters up for a forward over `rows`; returns the context to run it in.
@@ -318,18 +290,13 @@ class Engine:
         if not new:
             return
         self._admitting = new
-        longest = max(len(r.prompt) for r in new)
-        ids = torch.full((len(new), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(new):  # left padding: every prompt ends in the last column
-            ids[i, longest - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, longest - len(r.prompt) :] = 1
+        for r in new:
             if r.sampling.seed is not None:
                 r.generator = torch.Generator(self.device).manual_seed(r.sampling.seed)
-        mask = mask.to(self.device)
+        ids, mask = left_padded([r.prompt for r in new], self.pad_id, self.device)
         room = max(r.sampling.max_new_tokens for r in new)
-        decoder = new_decoder(self.model, longest + room, self._length)
-        logits = self._forward(decoder, ids.to(self.device), mask, new)
+        decoder = new_decoder(self.model, ids.shape[1] + room, self._length)
+        logits = self._forward(decoder, ids, mask, new)
         last = torch.tensor(self._deliver(new, logits), device=self.device)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # the pending token
         self._merge(new, decoder, mask, last)
@@ -360,14 +327,14 @@ class Engine:
                 continue
             if tokens[i] in self.eos:
                 r.finished = True
-                _emit(r, "finish", "stop")
+                r.send("finish", "stop")
                 continue
             r.generated += 1
-            if not _emit(r, "token", tokens[i]):
+            if not r.send("token", tokens[i]):
                 r.cancel()
             elif r.generated >= r.sampling.max_new_tokens:
                 r.finished = True
-                _emit(r, "finish", "length")
+                r.send("finish", "length")
         return tokens
 
     def _drop(self, gone: set[Request]) -> None:
@@ -386,15 +353,6 @@ class Engine:
             self._mask = self._mask[:, lead:]
             self._decoder.select(index)
             self._decoder.trim(lead)
-
-
-def _emit(r: Request, kind: str, value: Any) -> bool:
-    """Hand an event to the request's consumer; False if the consumer is gone."""
-    try:
-        r.emit(kind, value)
-        return True
-    except Exception:  # e.g. its event loop has closed
-        return False
 
 
 def _run_command(fn: Callable[[], object], future: Future) -> None:

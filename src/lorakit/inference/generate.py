@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.inference.decoder import new_decoder, output_head_kernel
+from lorakit.inference.decoder import left_padded, new_decoder, output_head_kernel, positions
 from lorakit.inference.sampling import Sampling, next_tokens
 from lorakit.inference.stream import TextStream
 from lorakit.lora.layer import active_adapters, folded_adapters, row_adapters
@@ -38,19 +38,6 @@ def check_context(model: nn.Module, prompt_tokens: int, max_new_tokens: int) -> 
             f"prompt ({prompt_tokens} tokens) + max new tokens ({max_new_tokens}) exceed the "
             f"model's context of {limit}; shorten the prompt or lower --max-new-tokens"
         )
-
-
-def _left_padded(
-    prompts: Sequence[list[int]], pad: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) (B, longest): every prompt ends in the last column."""
-    longest = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, longest - len(p) :] = torch.tensor(p)
-        mask[i, longest - len(p) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 @torch.no_grad()
@@ -81,7 +68,7 @@ def generate_ids(
     check_context(model, longest, sampling.max_new_tokens)
     device = model.get_input_embeddings().weight.device
     batch = len(prompts)
-    step_ids, mask = _left_padded(prompts, pad_id, device)
+    step_ids, mask = left_padded(prompts, pad_id, device)
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
@@ -94,8 +81,8 @@ def generate_ids(
     with ExitStack() as stack:
         _set_up(stack, model, device, adapters, cache_weights)
         for _ in range(sampling.max_new_tokens):
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
-            tokens = next_tokens(decoder(step_ids, mask, positions), sampling, generator).tolist()
+            logits = decoder(step_ids, mask, positions(mask, step_ids.shape[1]))
+            tokens = next_tokens(logits, sampling, generator).tolist()
             for i, t in enumerate(tokens):
                 if done[i] or t in eos:
                     done[i] = True

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -309,7 +310,7 @@ def load_model(
     device: str | torch.device = "cpu",
     blocksize: int = 64,
     with_tokenizer: bool = True,
-):
+) -> tuple[nn.Module, Any, ModelSource]:
     """(model, tokenizer, source): linear layers in NF4 (quant="nf4") or `dtype` (quant="none").
 
     Everything that is not quantized is stored in `dtype` (default: `default_dtype(device)`).

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -28,10 +27,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import LorakitError
-from lorakit.inference.engine import AdapterInUse, Busy, Engine, Request, UnknownAdapter
+from lorakit.inference.engine import Engine
+from lorakit.inference.request import AdapterInUse, Busy, Request, UnknownAdapter
 from lorakit.inference.sampling import Sampling
 from lorakit.inference.stream import TextStream
-from lorakit.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from lorakit.models.chat import encode_prompt
 from lorakit.server.schemas import (
     AdapterLoad,
@@ -40,10 +39,10 @@ from lorakit.server.schemas import (
     CompletionRequest,
     GenerateBody,
     TextPart,
+    allowed_adapter_path,
+    check_adapter_name,
     parse_body,
 )
-
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def _engine_error(e: LorakitError) -> ApiError:
@@ -111,51 +110,6 @@ class Generation:
     def usage(self) -> dict:
         prompt, done = self.prompt_tokens, len(self.text.ids)
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
-
-
-def allowed_adapter_path(path: str, allowed: Sequence[str | Path]) -> Path:
-    """The real directory `path` names, if it lies inside an allowed directory (symlinks
-    resolved, its files too); relative paths are taken from each allowed directory in turn."""
-    roots = [Path(d).resolve() for d in allowed]
-    if not roots:
-        raise ApiError(
-            403,
-            "this server loads adapters only at start-up; restart it with --adapter-dir DIR "
-            "to allow loading adapters from DIR",
-            "permission_error",
-            "adapter_dirs_not_configured",
-            "path",
-        )
-
-    def inside(p: Path) -> bool:
-        return any(p.is_relative_to(root) for root in roots)
-
-    raw = Path(path)
-    for candidate in [raw] if raw.is_absolute() else [root / raw for root in roots]:
-        try:
-            real = candidate.resolve(strict=True)
-            files = [(real / f).resolve() for f in (CONFIG_NAME, WEIGHTS_NAME)]
-        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
-            continue
-        if real.is_dir() and inside(real) and all(inside(f) for f in files):
-            return real
-    raise ApiError(
-        403,
-        f"adapter path {path!r} is not a directory inside the allowed adapter directories",
-        "permission_error",
-        "path_not_allowed",
-        "path",
-    )
-
-
-def check_adapter_name(name: str, base_name: str) -> None:
-    if not ADAPTER_NAME.match(name) or name == base_name:
-        raise ApiError(
-            400,
-            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, and not the base model's name",
-            param="name",
-        )
 
 
 def _card(name: str, parent: str | None) -> dict:

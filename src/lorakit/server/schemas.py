@@ -1,4 +1,5 @@
-"""The API's request bodies and its errors, in OpenAI's shapes.
+"""The API's request bodies, the checks on adapter names and paths, and its errors, in OpenAI's
+shapes.
 
 Bodies are strict ("5" is not an int, 1 is not a bool) and every client mistake becomes an
 `ApiError` carrying OpenAI's error body {"error": {"message", "type", "param", "code"}}.
@@ -7,12 +8,17 @@ Bodies are strict ("5" is not an int, 1 is not a bool) and every client mistake 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Request as HttpRequest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorakit.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
+
 MAX_BODY = 2 << 20  # bytes; far more than any prompt that fits a context
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class ApiError(Exception):
@@ -99,3 +105,48 @@ async def parse_body(cls: type[_Body], request: HttpRequest) -> Any:
         # Drop pydantic's union-branch tags ("str", "list[int]") from the location.
         loc = [str(x) for x in err["loc"] if not re.fullmatch(r"str|int|float|bool|.*\[.*", str(x))]
         raise ApiError(400, f"{'.'.join(loc)}: {err['msg']}", param=loc[0]) from None
+
+
+def allowed_adapter_path(path: str, allowed: Sequence[str | Path]) -> Path:
+    """The real directory `path` names, if it lies inside an allowed directory (symlinks
+    resolved, its files too); relative paths are taken from each allowed directory in turn."""
+    roots = [Path(d).resolve() for d in allowed]
+    if not roots:
+        raise ApiError(
+            403,
+            "this server loads adapters only at start-up; restart it with --adapter-dir DIR "
+            "to allow loading adapters from DIR",
+            "permission_error",
+            "adapter_dirs_not_configured",
+            "path",
+        )
+
+    def inside(p: Path) -> bool:
+        return any(p.is_relative_to(root) for root in roots)
+
+    raw = Path(path)
+    for candidate in [raw] if raw.is_absolute() else [root / raw for root in roots]:
+        try:
+            real = candidate.resolve(strict=True)
+            files = [(real / f).resolve() for f in (CONFIG_NAME, WEIGHTS_NAME)]
+        except (OSError, RuntimeError, ValueError):  # missing, a symlink loop, a NUL byte
+            continue
+        if real.is_dir() and inside(real) and all(inside(f) for f in files):
+            return real
+    raise ApiError(
+        403,
+        f"adapter path {path!r} is not a directory inside the allowed adapter directories",
+        "permission_error",
+        "path_not_allowed",
+        "path",
+    )
+
+
+def check_adapter_name(name: str, base_name: str) -> None:
+    if not ADAPTER_NAME.match(name) or name == base_name:
+        raise ApiError(
+            400,
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, and not the base model's name",
+            param="name",
+        )

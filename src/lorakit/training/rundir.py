@@ -1,4 +1,5 @@
-"""The training output directory: checkpoints, metrics, loss curve and model card.
+"""The training output directory: checkpoints, metrics, loss curve, model card and the run's
+summary.
 
 Checkpoints are safetensors + JSON (never pickle), every file written atomically, so Ctrl-C or
 a full disk never leaves a half-written checkpoint or adapter.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -164,3 +166,56 @@ The files are PEFT's: `adapter_config.json`, `adapter_model.safetensors`. `train
 holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
 """
     atomic_write_text(out / "README.md", card)
+
+
+class Metrics:
+    """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
+
+    def __init__(self, path: Path, resume_lines: int | None) -> None:
+        self.path = path
+        if resume_lines is None:
+            atomic_write_text(path, "")
+        else:  # drop what was logged after the checkpoint we resume from
+            kept = path.read_text().splitlines()[:resume_lines]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def lines(self) -> int:
+        return count_lines(self.path)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced, for the CLI's summary and for tests."""
+
+    out: Path
+    steps: int
+    first_eval_loss: float | None
+    final_eval_loss: float | None
+    final_train_loss: float | None
+    tokens_per_s: float
+    wall_s: float
+    adapter_mb: float
+    interrupted: bool = False
+
+
+def summarize(
+    out: Path, steps: int, tokens_per_s: float, wall: float, interrupted: bool
+) -> TrainResult:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return TrainResult(
+        out=out,
+        steps=steps,
+        first_eval_loss=evals[0] if evals else None,
+        final_eval_loss=evals[-1] if len(evals) > 1 else None,
+        final_train_loss=losses[-1] if losses else None,
+        tokens_per_s=tokens_per_s,
+        wall_s=wall,
+        adapter_mb=(out / "adapter_model.safetensors").stat().st_size / 1e6,
+        interrupted=interrupted,
+    )

@@ -12,7 +12,6 @@ run follows the same loss curve as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import threading
@@ -39,11 +38,13 @@ from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, check_fits_model, resolve_device, to_json, validate
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.rundir import (
-    count_lines,
+    Metrics,
+    TrainResult,
     load_checkpoint,
     plot_losses,
     prepare_out_dir,
     save_checkpoint,
+    summarize,
     write_model_card,
 )
 
@@ -168,21 +169,6 @@ def training_setup(
 # --- the run -------------------------------------------------------------------------------------
 
 
-@dataclass
-class TrainResult:
-    """What a run produced, for the CLI's summary and for tests."""
-
-    out: Path
-    steps: int
-    first_eval_loss: float | None
-    final_eval_loss: float | None
-    final_train_loss: float | None
-    tokens_per_s: float
-    wall_s: float
-    adapter_mb: float
-    interrupted: bool = False
-
-
 def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[list, list, list[dict]]:
     """Packed train and eval sequences, and the eval examples (for before/after answers)."""
     examples = D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
@@ -229,25 +215,6 @@ def train_step(
     return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
 
 
-class _Metrics:
-    """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
-
-    def __init__(self, path: Path, resume_lines: int | None) -> None:
-        self.path = path
-        if resume_lines is None:
-            atomic_write_text(path, "")
-        else:  # drop what was logged after the checkpoint we resume from
-            kept = path.read_text().splitlines()[:resume_lines]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def log(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def lines(self) -> int:
-        return count_lines(self.path)
-
-
 @dataclass
 class _Run:
     """One training run's moving parts, between `train`'s set-up and its results."""
@@ -261,7 +228,7 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     micro_size: int  # sequences per forward/backward pass
-    metrics: _Metrics
+    metrics: Metrics
 
     @property
     def total_steps(self) -> int:
@@ -367,7 +334,7 @@ def train(
         start, resume_lines = meta["step"], meta["metrics_lines"]
     else:
         atomic_write_text(out / "train_config.json", to_json(cfg))
-    metrics = _Metrics(out / "metrics.jsonl", resume_lines)
+    metrics = Metrics(out / "metrics.jsonl", resume_lines)
     micro = micro_batch_size(cfg, device, model)
     run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
     with training_setup(model, cfg, device, dtype, micro):
@@ -387,22 +354,3 @@ def train(
     result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
     write_model_card(out, cfg, base_name, result)
     return result
-
-
-def summarize(
-    out: Path, steps: int, tokens_per_s: float, wall: float, interrupted: bool
-) -> TrainResult:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    return TrainResult(
-        out=out,
-        steps=steps,
-        first_eval_loss=evals[0] if evals else None,
-        final_eval_loss=evals[-1] if len(evals) > 1 else None,
-        final_train_loss=losses[-1] if losses else None,
-        tokens_per_s=tokens_per_s,
-        wall_s=wall,
-        adapter_mb=(out / "adapter_model.safetensors").stat().st_size / 1e6,
-        interrupted=interrupted,
-    )
