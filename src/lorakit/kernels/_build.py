@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("nf4_matmul.c")
+FOLDER = Path(__file__).parent  # the kernels' C files (one per kernel) and their header
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 KEEP_BUILDS = 4  # other lorakit versions or compilers sharing the cache keep theirs a while
 
@@ -43,8 +43,9 @@ def _cpu_signature() -> str:
 
 
 def _build(cc: str) -> Path | None:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode()]))
+    sources = sorted(FOLDER.glob("*.c"))
+    texts = [p.read_bytes() for p in [*sources, *sorted(FOLDER.glob("*.h"))]]
+    key = hashlib.sha256(b"\0".join([*texts, cc.encode(), " ".join(FLAGS).encode()]))
     key.update(_cpu_signature().encode())
     path = cache_dir() / f"nf4_matmul-{key.hexdigest()[:16]}.so"
     if path.exists():
@@ -53,7 +54,9 @@ def _build(cc: str) -> Path | None:
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # renamed into place when complete
     try:
         done = subprocess.run(
-            [cc, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, timeout=300
+            [cc, *FLAGS, "-o", str(tmp), *map(str, sources), "-lm"],
+            capture_output=True,
+            timeout=300,
         )
         if done.returncode != 0:
             return None
