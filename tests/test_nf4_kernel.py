@@ -1,7 +1,6 @@
 """The compiled NF4 matmul: the same products as dequantizing first, where it runs at all."""
 
 import copy as copy_module
-import os
 
 import pytest
 import torch
@@ -197,38 +196,6 @@ def test_a_decoding_layer_uses_the_kernel_and_training_does_not(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(copy(x), reference, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
-
-
-def test_build_is_atomic_and_a_failed_build_means_no_kernel(tmp_path, monkeypatch):
-    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path))
-    assert kernels._build._build("false") is None  # a "compiler" that fails
-    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
-    if kernels._build.library() is not None:
-        cc = kernels._build.shutil.which("cc") or kernels._build.shutil.which("gcc")
-        built = kernels._build._build(cc)
-        assert built is not None and built.parent == tmp_path
-        assert [p.name for p in tmp_path.iterdir()] == [built.name]
-        assert kernels._build._build(cc) == built  # cached: not compiled again
-        # older builds (earlier sources) beyond the newest few are removed when one is made
-        for i in range(6):
-            old = tmp_path / f"nf4_matmul-old{i}.so"
-            old.write_bytes(b"")
-            os.utime(old, (i, i))
-        built.unlink()
-        assert kernels._build._build(cc) == built
-        names = sorted(p.name for p in tmp_path.iterdir())
-        assert names == sorted(
-            [built.name, "nf4_matmul-old3.so", "nf4_matmul-old4.so", "nf4_matmul-old5.so"]
-        )
-
-
-def test_the_switch_turns_it_off(monkeypatch):
-    monkeypatch.setenv("LORAKIT_NF4_KERNEL", "0")
-    kernels._build.library.cache_clear()
-    try:
-        assert kernels._build.library() is None
-    finally:
-        kernels._build.library.cache_clear()
 
 
 @needs_kernel
