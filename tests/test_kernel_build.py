@@ -7,6 +7,7 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -90,19 +91,25 @@ def test_the_switch_and_other_machines_give_none_quietly(switch, fresh, monkeypa
     assert compiles == []
 
 
-@needs_kernel
-def test_two_threads_build_once_and_the_build_is_reused(fresh, compiles):
+def _twice_at_once(call: Callable[[], object]) -> list:
+    """call() from two threads released together; what each returned."""
     barrier, got = threading.Barrier(2), []
 
-    def load() -> None:
+    def run() -> None:
         barrier.wait()
-        got.append(_build.library())
+        got.append(call())
 
-    threads = [threading.Thread(target=load) for _ in range(2)]
+    threads = [threading.Thread(target=run) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return got
+
+
+@needs_kernel
+def test_two_threads_build_once_and_the_build_is_reused(fresh, compiles):
+    got = _twice_at_once(_build.library)
     assert len(compiles) == 1 and got[0] is not None and got[0] is got[1]
     (built,) = fresh.glob("kernels-*.so")
     assert sorted(p.name for p in fresh.iterdir()) == sorted(["build.lock", built.name])
@@ -118,12 +125,8 @@ def test_two_processes_build_once(fresh, monkeypatch):
     _copying_compiler(monkeypatch, Path(REAL._name), done, seconds=0.3)
     fresh.mkdir()
     path = fresh / "kernels-test.so"
-    threads = [threading.Thread(target=_build._build, args=(["cc"], path)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(done) == 1 and path.is_file()
+    assert _twice_at_once(lambda: _build._build(["cc"], path)) == [path, path]
+    assert len(done) == 1
 
 
 @needs_kernel
