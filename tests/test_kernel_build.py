@@ -173,6 +173,19 @@ def test_with_no_writable_folder_a_model_still_runs(fresh, monkeypatch, tmp_path
     assert logits.shape == (1, 3, 400) and logits.isfinite().all()
 
 
+def test_the_cache_folders_in_order(monkeypatch, tmp_path):
+    monkeypatch.setattr(_build, "_temp_folder", lambda: tmp_path / "tmp")
+    shared = (tmp_path / "tmp" / f"lorakit-{os.getuid()}", True)
+    monkeypatch.setenv("LORAKIT_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _build.cache_folders() == [(tmp_path / "mine", False), shared]
+    monkeypatch.delenv("LORAKIT_CACHE")
+    assert _build.cache_folders() == [(tmp_path / "xdg" / "lorakit", False), shared]
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert _build.cache_folders() == [(tmp_path / "home" / ".cache" / "lorakit", False), shared]
+
+
 def test_the_target_cpu_is_a_setting_and_part_of_the_key(monkeypatch):
     monkeypatch.delenv("LORAKIT_MARCH", raising=False)
     native = _build._library_name(["cc"])
