@@ -1,7 +1,10 @@
-/* Attention pieces in bf16 with float32 softmax: one new query per row over a KV cache
- * (lk_decode_attention, decoding), and the causal softmax in place of training's per-example
- * attention scores (lk_causal_softmax_bf16, models/packed_attention.py). Layouts are in each
- * function's comment.
+/* Attention pieces in bf16 with a float32 softmax.
+ *
+ * lk_decode_attention, decoding: q (batch, heads, d), one new position per row, over the first
+ * t positions of the caches k, v (batch, kv_heads, length, d); mask (batch, mask_stride) bytes
+ * or NULL; out (batch, heads, d).
+ * lk_causal_softmax_bf16, training's per-example attention (models/packed_attention.py):
+ * scores (rows, n) in place, row r being query position r % n.
  */
 #include "simd.h"
 

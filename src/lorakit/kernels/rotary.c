@@ -1,7 +1,9 @@
-/* The rotary embedding in bf16, rounded as transformers' bf16 x * cos + rotate_half(x) * sin:
- * a decoding step's q rotated in place with its k and v written into the KV cache
- * (lk_rope_cache), and training's pass over (batch, t, heads, d) each way (lk_rope_bf16).
- * Layouts are in each function's comment.
+/* The rotary embedding in bf16, rounded as transformers' bf16 x * cos + rotate_half(x) * sin.
+ *
+ * lk_rope_cache, a decoding step: q (batch, heads, d) rotated in place; k, v (batch, kv_heads,
+ * d) written, k rotated, at position pos of the caches (batch, kv_heads, length, d); cos, sin
+ * (batch, d), sin's first half negated.
+ * lk_rope_bf16, training, either way: x, out (batch, t, heads, d); cos, sin (batch or 1, t, d).
  */
 #include "simd.h"
 
