@@ -134,3 +134,19 @@ def lora_loss_and_grad(kind: str, target: str, patched: bool = False):  # noqa: 
         total, n = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
         (grad,) = torch.autograd.grad(total / n, lora.lora_A["default"].weight)
     return total / n, grad, report
+
+
+# --- the compiled CPU kernels --------------------------------------------------------------------
+
+
+def _kernels_built() -> bool:
+    from lorakit.kernels._build import library
+
+    return library() is not None
+
+
+# Tests of a compiled kernel: skipped where lorakit runs its PyTorch path instead.
+needs_kernel = pytest.mark.skipif(
+    not _kernels_built(),
+    reason="no compiled kernels here (no C compiler, no AVX2, not x86-64 or LORAKIT_NF4_KERNEL=0)",
+)

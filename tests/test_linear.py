@@ -1,17 +1,24 @@
 """Tests for lorakit.quant.linear.NF4Linear: same numbers as a plain linear layer over the
 dequantized weight, no gradient and no trainable parameter for the weight, autocast,
-activation checkpointing, and that backward keeps only the packed weight alive."""
+activation checkpointing, that backward keeps only the packed weight alive, and decoding steps
+through the compiled kernel (with PyTorch's result where it refuses)."""
 
 from __future__ import annotations
+
+import copy as copy_module
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_kernel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from lorakit.kernels.nf4_matmul import KernelWeight
+from lorakit.lora.layer import LoRALinear
+from lorakit.quant import linear as qlinear
 from lorakit.quant.linear import NF4Linear
-from lorakit.quant.nf4 import dequantize_nf4
+from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
 IN, OUT = 256, 192
 
@@ -240,3 +247,71 @@ def test_free_memory_counts_the_page_cache_the_system_can_drop():
     total = os.sysconf("SC_PHYS_PAGES") * page
     available = free_memory(torch.device("cpu"))
     assert free_pages - (64 << 20) <= available <= total  # 64 MB: the two reads are not atomic
+
+
+# --- decoding through the compiled kernel (kernels.nf4_matmul) ---------------------------------
+
+
+@needs_kernel
+def test_a_decoding_layer_uses_the_kernel_and_training_does_not(monkeypatch):
+    layer = NF4Linear.from_weight(torch.randn(64, 128) * 0.05).eval()
+    calls = []
+    call = KernelWeight.__call__
+    monkeypatch.setattr(KernelWeight, "__call__", lambda *a: calls.append(1) or call(*a))
+    x = torch.randn(1, 2, 128)
+    expected = x @ layer.dequantized_weight(torch.float32).T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 1
+        layer(torch.randn(1, qlinear.KERNEL_ROWS + 1, 128))  # a prompt: dequantized instead
+        assert len(calls) == 1
+        layer.train()
+        layer(x)  # no-grad training passes (reentrant checkpointing) keep the autograd path
+    layer(x)
+    assert len(calls) == 1
+    copy = copy_module.deepcopy(layer).eval()  # prepares its own call, on its own buffers
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+
+
+@needs_kernel
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_kernel_call_that_is_refused_gives_pytorchs_result(lora, monkeypatch):
+    """A nonzero status (no memory for the kernel's buffers): the same product in PyTorch."""
+    g = torch.Generator().manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_weight(torch.randn(96, 128, generator=g) * 0.05))
+    if lora:
+        layer.add_adapter("a", rank=8, alpha=16)
+        torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.1, generator=g)
+    layer.eval()
+    x = torch.randn(1, 3, 128, generator=g)
+    with torch.no_grad():
+        expected = layer(x)
+        monkeypatch.setattr(KernelWeight, "__call__", lambda *args: None)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5])
+def test_a_decoding_step_adds_the_adapter_in_the_kernel_call(rows):
+    g = torch.Generator().manual_seed(0)
+    layer = LoRALinear(NF4Linear.from_weight(torch.randn(90, 128, generator=g) * 0.05))
+    layer.add_adapter("a", rank=8, alpha=16)
+    torch.nn.init.normal_(layer.lora_B["a"].weight, std=0.1, generator=g)
+    layer.eval()
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    x = torch.randn(1, rows, 128, generator=g)
+    w = layer.base_layer.dequantized_weight(torch.float64)
+    exact = x.double() @ w.T + 2.0 * (x.double() @ a.double().T) @ b.double().T
+    with torch.no_grad():
+        assert layer.decode_call() is not None  # the fused path is the one taken
+        torch.testing.assert_close(layer(x).double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_dequantized_weight_is_dequantize_nf4s_bits():
+    """From the compiled dequantization where it runs (the weight cache and prompts use it)."""
+    state = quantize_nf4(randn(96, 640, seed=4) * 0.05)
+    layer = NF4Linear(state)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(layer.dequantized_weight(dtype), dequantize_nf4(state, dtype))

@@ -3,10 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import needs_kernel, tiny_model
 
 import lorakit.training.loss as L
-from lorakit import kernels
 from lorakit.training.loss import LinearCrossEntropy, _Scratch, causal_lm_loss, reused_logits
 
 
@@ -50,38 +49,6 @@ def test_causal_lm_loss_equals_transformers_loss_and_gradients():
     assert n == 2 * (12 - 4)
     torch.testing.assert_close(total / n, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-6)
-
-
-needs_kernel = pytest.mark.skipif(
-    kernels._build.library() is None, reason="no C compiler or no AVX2 on this machine"
-)
-
-
-@needs_kernel
-@pytest.mark.parametrize("vocab", [1000, 4096, 4103])  # 1000, 4103: a tail after whole vectors
-def test_compiled_cross_entropy_equals_pytorchs(vocab):
-    g = torch.Generator().manual_seed(vocab)
-    logits = (torch.randn(37, vocab, generator=g) * 4).bfloat16()
-    labels = torch.randint(0, vocab, (37,), generator=g)
-    losses, grad = kernels.cross_entropy.cross_entropy(logits, labels, with_grad=True)
-    ref = F.cross_entropy(logits.float(), labels, reduction="none")
-    torch.testing.assert_close(losses, ref, rtol=1e-5, atol=1e-5)
-    exact = torch.softmax(logits.float(), dim=-1) - F.one_hot(labels, vocab).float()
-    assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(grad.float(), exact, rtol=2**-7, atol=1e-7)  # bf16 rounding
-    assert kernels.cross_entropy.cross_entropy(logits, labels, with_grad=False)[1] is None
-    assert kernels.cross_entropy.cross_entropy(logits, torch.full_like(labels, vocab), True) is None
-    assert kernels.cross_entropy.cross_entropy(logits.float(), labels, True) is None  # bf16 only
-    # In place: the same bits, written over the logits; a bad label leaves them as they were.
-    kept = logits.clone()
-    assert (
-        kernels.cross_entropy.cross_entropy(logits, torch.full_like(labels, vocab), True, True)
-        is None
-    )
-    assert torch.equal(logits, kept)
-    losses2, grad2 = kernels.cross_entropy.cross_entropy(logits, labels, True, in_place=True)
-    assert grad2.data_ptr() == logits.data_ptr()
-    assert torch.equal(losses2, losses) and torch.equal(grad2, grad)
 
 
 @needs_kernel

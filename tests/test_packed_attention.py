@@ -5,13 +5,11 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 
-from lorakit import kernels
 from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
 from lorakit.models import packed_attention as attention
 from lorakit.models.packed_attention import (
     PACKED,
     SegmentAttention,
-    _mask,
     enable_packed_attention,
     segments_of,
 )
@@ -163,21 +161,3 @@ def test_example_by_example_only_on_cpu():
     assert enable_packed_attention(model)
     assert attention.attends_by_example(model, torch.device("cpu"))
     assert not attention.attends_by_example(model, torch.device("cuda"))
-
-
-@pytest.mark.skipif(kernels._build.library() is None, reason="no C compiler or no AVX2 here")
-@pytest.mark.parametrize("n, groups, window", [(248, 3, None), (37, 2, None), (100, 3, 16)])
-def test_causal_softmax_kernel_equals_masked_softmax(n, groups, window):
-    gen = torch.Generator().manual_seed(n)
-    scores = (torch.randn(3, groups * n, n, generator=gen) * 3).bfloat16()
-    mask = _mask(max(n, 512), window, torch.bfloat16, scores.device)[:n, :n]
-    expected = torch.softmax(scores.view(3, groups, n, n) + mask, dim=-1).view(scores.shape)
-    out = kernels.attention.causal_softmax(scores.clone(), window)
-    # float32 sums in another order: at most a bf16 step apart, nearly all equal
-    torch.testing.assert_close(out, expected, rtol=2**-7, atol=2**-16)
-    assert (out == expected).float().mean() > 0.999
-    assert bool((out[:, :n][:, torch.ones(n, n).triu(1).bool()] == 0).all())  # later keys
-
-
-def test_causal_softmax_kernel_declines_float32():
-    assert kernels.attention.causal_softmax(torch.randn(2, 4, 4), None) is None

@@ -3,19 +3,13 @@ forward and backward, and every patch undone when the context ends."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers.models.llama.modeling_llama as llama
-from conftest import lora_loss_and_grad, tiny_model
+from conftest import lora_loss_and_grad, needs_kernel, tiny_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from lorakit.kernels._build import library
-from lorakit.kernels.swiglu import swiglu, swiglu_backward
 from lorakit.models.packed_attention import PACKED
 from lorakit.models.patches import _fused_rotary, training_patches
 
-needs_kernel = pytest.mark.skipif(
-    library() is None, reason="no C compiler or no AVX2 on this machine"
-)
 ORIGINAL = llama.apply_rotary_pos_emb
 
 
@@ -69,31 +63,6 @@ def test_a_trainable_weight_or_float32_keeps_the_norms_own_forward():
 
 
 # --- SwiGLU --------------------------------------------------------------------------------------
-
-
-@needs_kernel
-@pytest.mark.parametrize("shape", [(5,), (3, 7, 33), (2, 512, 1536)])  # tails; many threads
-def test_swiglu_kernel_is_pytorchs_bf16_arithmetic_bit_for_bit(shape):
-    gen = torch.Generator().manual_seed(len(shape))
-    g = (torch.randn(shape, generator=gen) * 4).bfloat16()
-    u = torch.randn(shape, generator=gen).bfloat16()
-    dh = torch.randn(shape, generator=gen).bfloat16()
-    # where e^-g overflows or nearly does, and the infinities
-    extremes = torch.tensor([-100.0, -88.5, 88.5, 100.0, float("inf"), -float("inf")])
-    g.view(-1)[: min(g.numel(), 6)] = extremes[: g.numel()].bfloat16()
-    g1, u1 = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
-    h = F.silu(g1) * u1
-    h.backward(dh)
-    assert _same(swiglu(g, u), h.detach())
-    dg, du = swiglu_backward(dh, g, u)
-    assert _same(dg, g1.grad)
-    assert _same(du, u1.grad)
-
-
-def test_swiglu_kernel_declines_what_it_does_not_compute():
-    g = torch.randn(4, 8)
-    assert swiglu(g, g) is None  # float32
-    assert swiglu(g.bfloat16(), g[:, :4].bfloat16()) is None  # shapes differ
 
 
 def _mlp_grads(patched: bool, dtype: torch.dtype):

@@ -79,6 +79,8 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
 
     def run(x: Tensor) -> list[Tensor]:
         ys = group(x, layer._compute_dtype(x))
+        if ys is None:  # the kernel refused: each projection's call, with its PyTorch fallback
+            return [c(x) for c in calls]
         return [y if b is None else y + b.to(y.dtype) for y, b in zip(ys, biases, strict=True)]
 
     return run

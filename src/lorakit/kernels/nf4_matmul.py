@@ -90,9 +90,10 @@ class KernelWeight:
     def __deepcopy__(self, memo: dict) -> None:
         return None  # a copied layer has other buffers: it prepares its own call when used
 
-    def __call__(self, x: Tensor, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor:
+    def __call__(self, x: Tensor, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor | None:
         """x (..., in) @ W.T -> (..., out) in `dtype`, accumulated in float32; plus
-        scale * (x @ A.T) @ B.T for `lora` = (A, B.T, scale), float32 contiguous A and B.T."""
+        scale * (x @ A.T) @ B.T for `lora` = (A, B.T, scale), float32 contiguous A and B.T.
+        None where the kernel refuses (no rows, no memory): `nf4_matmul_reference` then."""
         n_out, n_in = self.shape
         rows = _activations(x, n_in)
         y = torch.empty(*x.shape[:-1], n_out, dtype=_out_dtype(dtype))
@@ -118,7 +119,7 @@ class KernelWeight:
             x.dtype == dtype == torch.bfloat16,  # nothing of x lost in bf16 products
         )
         if status != 0:
-            raise RuntimeError(f"the NF4 kernel refused a {tuple(self.shape)} weight")
+            return None
         return y if y.dtype == dtype else y.to(dtype)
 
     def dequantize(self, dtype: torch.dtype) -> Tensor | None:
@@ -152,8 +153,9 @@ class KernelGroup:
         self.scales = (ctypes.c_float * n)(*[lo[2] if lo else 0.0 for _, lo in parts])
         self.outs = (ctypes.c_void_p * n)()
 
-    def __call__(self, x: Tensor, dtype: torch.dtype) -> list[Tensor]:
-        """x (..., in) -> each weight's (..., out) in `dtype`, as KernelWeight(x, dtype, lora)."""
+    def __call__(self, x: Tensor, dtype: torch.dtype) -> list[Tensor] | None:
+        """x (..., in) -> each weight's (..., out) in `dtype`, as KernelWeight(x, dtype, lora);
+        None where the kernel refuses."""
         rows = _activations(x, self.n_in)
         out_dtype = _out_dtype(dtype)
         ys = [torch.empty(*x.shape[:-1], k.shape[0], dtype=out_dtype) for k, _ in self.parts]
@@ -175,7 +177,7 @@ class KernelGroup:
             x.dtype == dtype == torch.bfloat16,
         )
         if status != 0:
-            raise RuntimeError("the NF4 kernel refused a group of weights")
+            return None
         return ys if out_dtype == dtype else [y.to(dtype) for y in ys]
 
 
@@ -191,8 +193,11 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
-def nf4_matmul(x: Tensor, state: NF4State, dtype: torch.dtype, lora: LoRA | None = None) -> Tensor:
-    """x (..., in) @ W.T (+ the adapter) in `dtype`, accumulated in float32. Check `supports`."""
+def nf4_matmul(
+    x: Tensor, state: NF4State, dtype: torch.dtype, lora: LoRA | None = None
+) -> Tensor | None:
+    """x (..., in) @ W.T (+ the adapter) in `dtype`, accumulated in float32; None where the
+    kernel refuses. Check `supports` first."""
     return KernelWeight(state)(x, dtype, lora)
 
 

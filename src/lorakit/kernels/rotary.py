@@ -19,12 +19,14 @@ def _forward():  # noqa: ANN202
 
 
 def rope_applies(x: Tensor, cos: Tensor, sin: Tensor) -> bool:
-    """Whether `rope` takes these: bf16 on CPU, x (batch, heads, t, d), cos and sin (batch or
-    1, t, d), the library built."""
+    """Whether `rope` takes these: bf16 on CPU, x (batch, heads, t, d) with d even, cos and sin
+    (batch or 1, t, d), the library built."""
     if not bf16_cpu(x, cos, sin) or x.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
         return False
     b, _, t, d = x.shape
-    return cos.shape[1:] == (t, d) and cos.shape[0] in (1, b) and _forward() is not None
+    return (
+        d % 2 == 0 and cos.shape[1:] == (t, d) and cos.shape[0] in (1, b) and _forward() is not None
+    )
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool = False) -> Tensor | None:

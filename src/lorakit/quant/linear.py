@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lorakit.kernels.nf4_matmul import KernelWeight, LoRA, supports
+from lorakit.kernels.nf4_matmul import KernelWeight, LoRA, nf4_matmul_reference, supports
 from lorakit.quant.nf4 import NF4State, dequantize_nf4, quantize_nf4
 
 # Most rows (tokens) a no-grad call sends to the compiled 4-bit kernel (kernels/nf4_matmul.py)
@@ -225,7 +225,10 @@ class KernelCall:
     bias: Tensor | None
 
     def __call__(self, x: Tensor) -> Tensor:
-        y = self.kernel(x, self.layer._compute_dtype(x), self.lora)
+        dtype = self.layer._compute_dtype(x)
+        y = self.kernel(x, dtype, self.lora)
+        if y is None:  # the kernel refused (no memory for its buffers): the same in PyTorch
+            y = nf4_matmul_reference(x, self.layer.state, dtype, self.lora)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
