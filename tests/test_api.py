@@ -84,7 +84,8 @@ def test_generate_streams_pieces_that_add_up_and_cuts_at_a_stop_string(tiny_toke
     tok = tiny_tokenizer
     model = _model_with_adapter(tok)
     pieces: list[str] = []
-    full = lorakit.generate(model, tok, "Who is a hacker?", max_new_tokens=16, on_text=pieces.append)
+    ask = "Who is a hacker?"
+    full = lorakit.generate(model, tok, ask, max_new_tokens=16, on_text=pieces.append)
     assert "".join(pieces) == full and len(pieces) > 1
     stop = full[len(full) // 2 : len(full) // 2 + 2]  # two characters from the middle
     assert stop.strip()
@@ -117,12 +118,12 @@ def test_the_readme_python_example_runs_verbatim(tmp_path, monkeypatch, capsys):
         ("What does foo mean?", "A sample name for absolutely anything."),
         ("Who is a hacker?", "A person who enjoys exploring the details of systems."),
     ]
-    lines = [json.dumps({"instruction": q, "output": a}) for q, a in facts * 4]
+    lines = [json.dumps({"instruction": q, "output": a}) for q, a in facts * 2]
     (tmp_path / "my.jsonl").write_text("\n".join(lines) + "\n")
     exec(compile(code, "README.md", "exec"), {})
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) >= 4 and " -> " in printed[0]
     before, after = map(float, printed[0].split(" -> "))
-    assert after < before  # it learned something in 20 steps
+    assert after < before  # it learned something in 10 steps
     config = json.loads((tmp_path / "my-run" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 16
