@@ -1,12 +1,13 @@
 """Generation speed: lorakit vs transformers + peft + bitsandbytes, side by side in one run.
 
-Both run the default model with its linear layers in NF4 (double quantization, bf16 compute),
+Both run the default model with its linear layers in NF4 (double quantization; bf16 compute
+where the hardware has it, else fp32),
 greedy, 128 new tokens, at batch 1 and 8, without and with a rank-16 adapter on the attention
 projections; then lorakit's cost of a batch whose 8 rows use 4 different adapters against a
-batch on one adapter. lorakit runs both ways it can decode: from a bf16 copy of the weights
+batch on one adapter. lorakit runs both ways it can decode: from a dequantized copy of the weights
 made once per generation (adapter folded in), and from the 4-bit codes with the compiled
 kernel (kernels/nf4_matmul.py; adapter in the same call), where that kernel builds; the kernel once
-more through transformers' forward pass instead of lorakit's lean one (decode.py), to show
+more through transformers' forward pass instead of lorakit's lean one (inference/lean.py), to show
 what that buys. Runs alternate lorakit / baseline; the best of `--repeats` counts. Last, the
 output head alone: torch's bf16 matmul against lorakit's compiled one, per decoding step.
 
@@ -57,10 +58,19 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="compute dtype of both sides (auto: bf16 where the hardware has it, else fp32)",
+    )
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
     device = torch.device(args.device)
+    from lorakit.models.precision import autocast, default_dtype
+
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else default_dtype(device)
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -85,10 +95,10 @@ def main() -> None:
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=dtype,
     )
     base = AutoModelForCausalLM.from_pretrained(
-        f"{tmp}/base", quantization_config=bnb_config, dtype=torch.bfloat16, device_map={"": device}
+        f"{tmp}/base", quantization_config=bnb_config, dtype=dtype, device_map={"": device}
     ).eval()
     baseline = PeftModel.from_pretrained(base, f"{tmp}/a0", adapter_name="a0").eval()
     for i in range(4):
@@ -101,7 +111,7 @@ def main() -> None:
     def run_ours(batch: int, adapters, cache: bool = True, lean: bool = True) -> float:
         os.environ["LORAKIT_LEAN_DECODE"] = "1" if lean else "0"
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast(device, dtype):  # as lorakit generate runs
             out = generate_ids(
                 ours, prompt_ids[:batch], sampling, adapters=adapters, cache_weights=cache
             )
@@ -148,13 +158,13 @@ def main() -> None:
         else f"{torch.get_num_threads()} threads"
     )
     print(
-        f"\n{args.model}, NF4 + double quant, bf16 compute, greedy, {args.new_tokens} new tokens, "
-        f"{where}, best of {args.repeats}\n"
+        f"\n{args.model}, NF4 + double quant, {dtype} compute, greedy, "
+        f"{args.new_tokens} new tokens, {where}, best of {args.repeats}\n"
     )
-    third = "4-bit kernel" if kernel else "bf16 copy"
+    third = "4-bit kernel" if kernel else "dequantized copy"
     print(
-        "| batch | adapter | lorakit, bf16 copy | lorakit, 4-bit kernel | "
-        f"{third}, transformers' forward | transformers+peft+bnb | bf16 copy / baseline | "
+        "| batch | adapter | lorakit, dequantized copy | lorakit, 4-bit kernel | "
+        f"{third}, transformers' forward | transformers+peft+bnb | copy / baseline | "
         "4-bit kernel / baseline |"
     )
     print("|---|---|---|---|---|---|---|---|")

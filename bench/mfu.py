@@ -3,13 +3,14 @@
 1. Peak: GFLOP/s of fp32 and bf16 matmuls at the shapes one training pass of the default model
    runs (512 tokens x SmolLM2's projections, and a 1024-token chunk of the output head), best
    of several repeats.
-2. lorakit: the FLOPs of real training steps, counted by torch's FlopCounterMode, divided by
-   the time of the same steps run without the counter. MFU counts the model's matmuls only
-   (`aten.mm`: forward, input gradients through the frozen NF4 base, LoRA gradients, the
-   chunked loss); the attention's batched matmuls (`aten.bmm`) are left out, because the
-   explicit kernel computes the full L x L scores, masked half included, and recomputes them
-   in backward, so counting them would credit work the model does not need. MFU is thus a
-   lower bound; the rate with everything counted is printed beside it.
+2. lorakit: the FLOPs of real training steps (in the dtype `lorakit train` picks here: bf16
+   where the CPU has it, else fp32), counted by torch's FlopCounterMode, divided by the time of
+   the same steps run without the counter; MFU is against that dtype's peak. MFU counts the
+   model's matmuls only (`aten.mm`: forward, input gradients through the frozen NF4 base, LoRA
+   gradients, the chunked loss); the attention's batched matmuls (`aten.bmm`) are left out,
+   because the explicit kernel computes the full L x L scores, masked half included, and
+   recomputes them in backward, so counting them would credit work the model does not need. MFU
+   is thus a lower bound; the rate with everything counted is printed beside it.
 3. Decode ceiling: one pass over every weight matrix at batch 1 and 8, the NF4 layers once as
    a bf16 copy and once through the 4-bit kernel (kernels/nf4_matmul.py), the output head in bf16:
    the least a decoded token costs, with no other work.
@@ -45,6 +46,7 @@ def main() -> None:
     args = p.parse_args()
 
     from lorakit.models.loading import load_model
+    from lorakit.models.precision import default_dtype
     from lorakit.training import data as D
     from lorakit.training.trainer import (
         TrainConfig,
@@ -54,6 +56,7 @@ def main() -> None:
         training_setup,
     )
 
+    dtype = default_dtype("cpu")  # what lorakit train computes in on this machine
     model, tok, _ = load_model("smollm2")
     c = model.config
     h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
@@ -119,17 +122,17 @@ def main() -> None:
         for j in range(0, len(batch_rows), micro):
             b = D.collate(
                 batch_rows[j : j + micro],
-                torch.bfloat16,
+                dtype,
                 pad_id=tok.pad_token_id or 0,
                 pad_multiple=D.ROW_MULTIPLE,  # as lorakit train pads
             )
             padded[0] += b["input_ids"].numel()
             b["real_tokens"] = torch.tensor(sum(len(r) for r in batch_rows[j : j + micro]))
             micros.append(b)
-        return train_step(model, opt, trainable, micros, torch.device("cpu"), torch.bfloat16, cfg)
+        return train_step(model, opt, trainable, micros, torch.device("cpu"), dtype, cfg)
 
     cpu = torch.device("cpu")
-    with training_setup(model, cfg, cpu, torch.bfloat16, micro):  # as lorakit train runs
+    with training_setup(model, cfg, cpu, dtype, micro):  # as lorakit train runs
         for k in range(args.warmup):
             step(k)
         counter = FlopCounterMode(display=False)
@@ -146,20 +149,23 @@ def main() -> None:
     flops = counter.get_total_flops() * useful
     model_flops = by_op.get("aten.mm", 0) * useful
     rate, everything = model_flops / seconds / 1e9, flops / seconds / 1e9
-    peak16 = peaks[torch.bfloat16]
+    peak = peaks[dtype]  # the peak of the dtype lorakit trains in here
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     print(
         f"\nlorakit training ({args.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, "
-        f"micro-batch {micro}, NF4 base, bf16, r=16 q/k/v/o): {model_flops / 1e12:.2f} TFLOP "
+        f"micro-batch {micro}, NF4 base, {name}, r=16 q/k/v/o): {model_flops / 1e12:.2f} TFLOP "
         f"of model matmuls ({flops / 1e12:.2f} with attention) in {seconds:.1f} s, "
         f"{tokens / seconds:.0f} tokens/s\n"
     )
-    print("| | GFLOP/s | share of bf16 peak |")
+    print(f"| | GFLOP/s | share of the {name} peak |")
     print("|---|---|---|")
-    print(f"| bf16 matmul peak (best shape above) | {peak16:.0f} | 100% |")
-    peak32 = peaks[torch.float32]
-    print(f"| fp32 matmul peak | {peak32:.0f} | {peak32 / peak16:.0%} |")
-    print(f"| lorakit training, model matmuls (MFU) | {rate:.0f} | {rate / peak16:.0%} |")
-    share = everything / peak16
+    for other, rate_peak in peaks.items():
+        label = {torch.bfloat16: "bf16", torch.float32: "fp32"}[other]
+        print(
+            f"| {label} matmul peak (best shape above) | {rate_peak:.0f} | {rate_peak / peak:.0%} |"
+        )
+    print(f"| lorakit training, model matmuls (MFU) | {rate:.0f} | {rate / peak:.0%} |")
+    share = everything / peak
     print(f"| lorakit training, attention counted too | {everything:.0f} | {share:.0%} |")
     print(f"\nFLOP/token: {flops / tokens / 1e6:.0f} M (counted); by kernel:")
     for op, n in sorted(by_op.items(), key=lambda x: -x[1]):

@@ -32,6 +32,10 @@ args = json.loads(sys.argv[1])
 from lorakit.training import data as D
 device = torch.device(args["device"])
 cuda = device.type == "cuda"
+# Both sides compute in one dtype: bf16 where the hardware has it (what lorakit train picks),
+# else fp32 (emulated bf16 on a CPU without it is slower for both)
+from lorakit.models.precision import default_dtype
+dtype = getattr(torch, args["dtype"]) if args["dtype"] != "auto" else default_dtype(device)
 
 def examples(tok):
     train, ev = D.split_examples(D.load_examples(D.default_dataset_path()))
@@ -61,12 +65,12 @@ if args["side"] == "lorakit":
     attach_adapter(model, cfg)
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device, model)
     # as lorakit train does: its forwards, its weight cache rule
-    setup = training_setup(model, cfg, device, torch.bfloat16, micro, args["packed_attention"])
+    setup = training_setup(model, cfg, device, dtype, micro, args["packed_attention"])
     setup.__enter__()
     train_ex, eval_ex = examples(tok)
     rows = D.pack_sequences(train_ex, seq_len)
     def batch(rs):
-        b = D.collate(rs, torch.bfloat16, pad_id=tok.pad_token_id or 0,
+        b = D.collate(rs, dtype, pad_id=tok.pad_token_id or 0,
                       pad_multiple=D.ROW_MULTIPLE)
         b["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in rs))
         return b
@@ -81,23 +85,23 @@ if args["side"] == "lorakit":
             t0, tokens = time.perf_counter(), 0
         start = step * per_step
         micros = [batch(rows[start + i : start + i + micro]) for i in range(0, per_step, micro)]
-        out = train_step(model, opt, trainable, micros, device, torch.bfloat16, cfg)
+        out = train_step(model, opt, trainable, micros, device, dtype, cfg)
         losses.append(out["loss"])
         tokens += out["tokens"]
     sync()
     seconds = time.perf_counter() - t0
     eval_rows = D.pack_sequences(eval_ex, seq_len)
     evals = [batch(eval_rows[i : i + micro]) for i in range(0, len(eval_rows), micro)]
-    ev = evaluate(model, evals, device, torch.bfloat16, 1024) if args["eval"] else None
+    ev = evaluate(model, evals, device, dtype, 1024) if args["eval"] else None
     report(tokens, seconds, losses, ev)
 else:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     tok = AutoTokenizer.from_pretrained(args["hf_dir"])
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(args["hf_dir"], quantization_config=bnb,
-                                                dtype=torch.bfloat16, device_map={"": device})
+                                                dtype=dtype, device_map={"": device})
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
     train_ex, eval_ex = examples(tok)
@@ -123,7 +127,7 @@ else:
         step_loss = 0.0
         for i in range(0, per_step, micro):
             ids, labels, mask = (t.to(device) for t in padded(items[i : i + micro]))
-            with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             (loss * micro / per_step).backward()
             step_loss += loss.item() * micro / per_step
@@ -138,7 +142,7 @@ else:
         report(tokens, seconds, losses, None)
         sys.exit()
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         total = count = 0
         for item in eval_ex:
             ids, labels, mask = (t.to(device) for t in padded([item]))
@@ -175,6 +179,12 @@ def main() -> None:
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--sides", default="lorakit,baseline", help="which to run, in order")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32"],
+        help="compute dtype of both sides (auto: bf16 where the hardware has it, else fp32)",
+    )
     p.add_argument("--rounds", type=int, default=1, help="lorakit/baseline alternations")
     args = p.parse_args()
 
@@ -230,6 +240,7 @@ def main() -> None:
         "hf_dir": hf_dir,
         "lorakit_model": hf_dir if args.random_1b else args.model,
         "device": args.device,
+        "dtype": args.dtype,
         "eval": not args.random_1b,
     }
     results: dict[str, list[dict]] = {"lorakit": [], "baseline": []}
