@@ -18,7 +18,7 @@ from lorakit.models.loading import load_model
 from lorakit.models.precision import autocast
 from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, resolve_device, validate
-from lorakit.training.rundir import prepare_out_dir
+from lorakit.training.rundir import check_out_dir
 from lorakit.training.trainer import TrainResult, train
 
 # `lorakit train` on the embedded data, without --steps/--epochs/--lr: a few minutes on 2 cores.
@@ -112,7 +112,7 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
     """Load, train, then answer held-out prompts before and after."""
     validate(cfg)
     # Refuse a bad --out or data file before the slow model load.
-    prepare_out_dir(cfg)
+    check_out_dir(cfg)
     D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
     if cfg.eval_data:
         D.load_examples(cfg.eval_data, cfg.skip_bad_lines)

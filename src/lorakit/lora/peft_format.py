@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.atomic import atomic_write, atomic_write_text, check_new_dir, make_dir
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import (
     LoRALinear,
@@ -266,6 +266,7 @@ def combine_adapters(
     """
     if len(paths) != len(weights):
         raise LorakitError(f"{len(weights)} weights for {len(paths)} adapters")
+    check_new_dir(out, "--out")  # never over an adapter (one of these, perhaps) or a file
     loaded = [
         (cfg, _group_weights(w, Path(p)))
         for p, (cfg, w) in zip(paths, map(read_adapter, paths), strict=True)
@@ -319,6 +320,7 @@ def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: Adapter
 
     # Serialize the config first: if that fails, neither file has been replaced yet.
     config_text = json.dumps(config.to_peft(), indent=2) + "\n"
+    make_dir(path, "the adapter directory")
     atomic_write(
         path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )

@@ -39,7 +39,8 @@ from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, check_fits_model, resolve_device, to_json, validate
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.rundir import (
-    count_lines,
+    Metrics,
+    check_out_dir,
     load_checkpoint,
     plot_losses,
     prepare_out_dir,
@@ -229,25 +230,6 @@ def train_step(
     return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
 
 
-class _Metrics:
-    """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
-
-    def __init__(self, path: Path, resume_lines: int | None) -> None:
-        self.path = path
-        if resume_lines is None:
-            atomic_write_text(path, "")
-        else:  # drop what was logged after the checkpoint we resume from
-            kept = path.read_text().splitlines()[:resume_lines]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def log(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def lines(self) -> int:
-        return count_lines(self.path)
-
-
 @dataclass
 class _Run:
     """One training run's moving parts, between `train`'s set-up and its results."""
@@ -261,7 +243,7 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     micro_size: int  # sequences per forward/backward pass
-    metrics: _Metrics
+    metrics: Metrics
 
     @property
     def total_steps(self) -> int:
@@ -338,7 +320,7 @@ def train(
     `tokenizer` may be passed in (a model from `load_model`); else cfg.model is loaded. The
     model keeps the trained adapter as "default", active, in eval mode."""
     validate(cfg)
-    out = prepare_out_dir(cfg)
+    check_out_dir(cfg)  # the directory is changed only once every other check has passed
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -353,6 +335,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad = pad_id(tokenizer)
+    out = prepare_out_dir(cfg)
 
     def collate(rows: list) -> dict:
         b = D.collate(rows, dtype, pad_id=pad, pad_multiple=D.ROW_MULTIPLE)
@@ -367,7 +350,7 @@ def train(
         start, resume_lines = meta["step"], meta["metrics_lines"]
     else:
         atomic_write_text(out / "train_config.json", to_json(cfg))
-    metrics = _Metrics(out / "metrics.jsonl", resume_lines)
+    metrics = Metrics(out / "metrics.jsonl", resume_lines)
     micro = micro_batch_size(cfg, device, model)
     run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
     with training_setup(model, cfg, device, dtype, micro):
