@@ -24,6 +24,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora.layer import (
     LoRALinear,
     attach_lora,
+    check_adapter_name,
     is_conv1d,
     is_linear_like,
     layer_features,
@@ -267,6 +268,7 @@ def _group_weights(
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> AdapterConfig:
     """Attach the adapter at `path` to `model` as adapter `name` (any rank, any layer subset)."""
+    check_adapter_name(name)
     config, weights = read_adapter(path)
     modules = _group_weights(weights, config, Path(path))
     # Check every module before wrapping any, so an error leaves the model untouched.
