@@ -137,6 +137,16 @@ def test_empty_missing_and_all_bad_files(tmp_path):
         load_examples(tmp_path / "empty.txt")
 
 
+def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_text(tmp_path):
+    """Windows editors save UTF-8 with a BOM and CRLF line ends: neither is data."""
+    jsonl = tmp_path / "win.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
+    assert [ex["text"] for ex in load_examples(jsonl)] == ["first", "second"]
+    txt = tmp_path / "win.txt"
+    txt.write_bytes(b"\xef\xbb\xbfOne paragraph.\r\n")
+    assert [ex["text"] for ex in load_examples(txt)] == ["One paragraph."]
+
+
 def test_split_is_deterministic_and_respects_split_field():
     examples = [{"text": f"example {i}"} for i in range(100)]
     examples[3]["split"] = "eval"
@@ -298,6 +308,8 @@ def test_long_examples_split_text_and_truncate_chat():
 def test_seq_len_errors():
     with pytest.raises(DataError, match="too short"):
         pack_sequences(fake_tokenized([5]), seq_len=8)
+    with pytest.raises(DataError, match="no examples to pack"):
+        pack_sequences([], seq_len=16)  # not "shorter than the prompt of every example"
     with pytest.raises(DataError, match="shorter than the prompt of every example"):
         pack_sequences(fake_tokenized([40, 50], prompt_len=30), seq_len=16)
     with pytest.warns(UserWarning, match="1 examples dropped"):

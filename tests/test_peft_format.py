@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from lorakit.lora.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterConfig,
+    combine_adapters,
     load_adapter,
     lora_state_dict,
     save_adapter,
@@ -426,6 +428,81 @@ def test_unexpected_and_unpaired_tensors(saved):
     save_file(tensors, saved / WEIGHTS_NAME)
     with pytest.raises(LorakitError, match="q_proj has lora_A or lora_B but not both"):
         load_adapter(tiny_model("llama"), saved)
+
+
+def test_a_config_rank_that_is_not_the_tensors_rank_is_refused(saved):
+    """r: 8 in the config over rank-4 tensors: PEFT cannot load it, and lorakit would have used
+    the wrong scaling (alpha / 4 instead of alpha / 8) without a word."""
+    _edit_config(saved, r=8)
+    model = tiny_model("llama")
+    with pytest.raises(LorakitError) as info:
+        load_adapter(model, saved)
+    message = str(info.value)
+    assert re.search(r"model\.layers\.0\.self_attn\.[qkvo]_proj has rank 4 in its tensors", message)
+    assert "says r = 8" in message and "\n" not in message
+    assert not list(lora_layers(model))
+
+
+def test_rank_pattern_gives_per_module_ranks_as_peft_matches_them(tmp_path):
+    """rank_pattern keys match the end of a module name (whole dotted parts), first match wins."""
+    model = tiny_model("llama")
+    v_proj = [f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)]
+    q_proj = [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
+    attach_lora(model, q_proj, rank=4, alpha=8)
+    attach_lora(model, v_proj[:1], rank=2, alpha=8)
+    attach_lora(model, v_proj[1:], rank=6, alpha=8)
+    # "layers.1.self_attn.v_proj" first: it wins over "v_proj" for layer 1; "_proj" alone
+    # matches no whole name part, so q_proj keeps r.
+    pattern = {"_proj": 9, "layers.1.self_attn.v_proj": 6, "v_proj": 2}
+    config = AdapterConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    with pytest.raises(LorakitError, match="has rank 2 on model.layers.0.self_attn.v_proj"):
+        save_adapter(model, tmp_path, config)  # the config must describe the weights
+    config.rank_pattern = pattern
+    save_adapter(model, tmp_path, config)
+    fresh = tiny_model("llama")
+    load_adapter(fresh, tmp_path)
+    ranks = {n: layer.lora_A["default"].out_features for n, layer in lora_layers(fresh)}
+    assert ranks == {q_proj[0]: 4, q_proj[1]: 4, v_proj[0]: 2, v_proj[1]: 6}
+    _edit_config(tmp_path, rank_pattern={"v_proj": 2, "layers.1.self_attn.v_proj": 6})
+    with pytest.raises(LorakitError, match="v_proj has rank 6 in its tensors .* rank_pattern = 2"):
+        load_adapter(tiny_model("llama"), tmp_path)  # "v_proj" now comes first: it wins
+    _edit_config(tmp_path, rank_pattern={"v_proj(": 2})
+    with pytest.raises(LorakitError, match="not a regular expression"):
+        load_adapter(tiny_model("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_adapter_holding_nan_or_inf_is_refused(saved, tmp_path, bad):
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors = load_file(saved / WEIGHTS_NAME)
+    tensors[key][3, 1] = bad
+    save_file(tensors, saved / WEIGHTS_NAME)
+    model = tiny_model("llama")
+    with pytest.raises(LorakitError, match=f"holds NaN/inf in {key}; the adapter is broken"):
+        load_adapter(model, saved)
+    assert not list(lora_layers(model))
+    with pytest.raises(LorakitError, match="holds NaN/inf"):
+        combine_adapters([saved, saved], [0.5, 0.5], tmp_path / "combined")
+    assert not (tmp_path / "combined").exists()
+
+
+def test_integer_or_mismatched_lora_tensors_are_refused(saved):
+    tensors = load_file(saved / WEIGHTS_NAME)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({**tensors, key: tensors[key].to(torch.int8)}, saved / WEIGHTS_NAME)
+    with pytest.raises(LorakitError, match="torch.int8, not floating-point"):
+        load_adapter(tiny_model("llama"), saved)
+    save_file({**tensors, key: tensors[key][:3]}, saved / WEIGHTS_NAME)  # A (3, in), B (out, 4)
+    with pytest.raises(LorakitError, match=r"lora_A \(3, 32\) and lora_B \(32, 4\)"):
+        load_adapter(tiny_model("llama"), saved)
+
+
+def test_saving_into_a_file_is_refused(tmp_path):
+    _, model, config = _adapted("llama")
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(LorakitError, match="is a file; choose a directory"):
+        save_adapter(model, tmp_path / "file", config)
+    assert (tmp_path / "file").read_text() == "keep"
 
 
 def test_loading_the_same_name_twice_is_an_error(saved):

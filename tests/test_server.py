@@ -5,6 +5,7 @@ and adapter."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import threading
 import time
@@ -562,6 +563,31 @@ def test_adapter_paths_stay_inside_the_allowed_folders(client, adapters, tmp_pat
         r = client.post("/v1/adapters", json={"name": name, "path": "a"})
         assert r.status_code == 400, name
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE, "a", "b"]
+
+
+def test_a_broken_adapter_is_refused_with_its_reason_and_serving_goes_on(client, adapters):
+    from safetensors.torch import load_file, save_file
+
+    folder = adapters["a"].parent
+    rank = shutil.copytree(adapters["a"], folder / "rank")
+    config = json.loads((rank / "adapter_config.json").read_text())
+    (rank / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    nan = shutil.copytree(adapters["a"], folder / "nan")
+    tensors = load_file(nan / "adapter_model.safetensors")
+    tensors[sorted(tensors)[0]][0, 0] = float("inf")
+    save_file(tensors, nan / "adapter_model.safetensors")
+    for path, message in [
+        ("rank", "has rank 4 in its tensors but adapter_config.json says r = 8"),
+        ("nan", "holds NaN/inf in base_model.model.model.layers.0"),
+    ]:
+        r = client.post("/v1/adapters", json={"name": path, "path": path})
+        assert r.status_code == 400, r.text
+        assert message in r.json()["error"]["message"]
+    r = client.post("/v1/adapters", json={"name": "v1.2", "path": "a"})  # no '.' in a name
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE, "a", "b"]
+    ok = client.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
 
 
 def test_no_adapter_folders_means_no_loading(adapters, tiny_tokenizer):

@@ -189,6 +189,38 @@ def test_out_dir_holding_a_run_is_refused(tmp_path, data_file, tiny_tokenizer):
     assert len(_losses(tmp_path / "run")[0]) == 3
 
 
+def test_a_one_example_file_trains_without_eval_and_an_all_eval_file_is_refused(
+    tmp_path, tiny_tokenizer
+):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"instruction": FACTS[0][0], "output": FACTS[0][1]}) + "\n")
+    result = _run(_cfg(tmp_path / "a", one, eval_data=None, steps=2), tiny_tokenizer)
+    assert result.steps == 2 and result.first_eval_loss is None  # no example left to hold out
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"text": "A hacker is a person.", "split": "eval"}) + "\n")
+    with pytest.raises(LorakitError, match='every example is marked "split": "eval"'):
+        _run(_cfg(tmp_path / "b", held, eval_data=None), tiny_tokenizer)
+
+
+def test_a_diverging_run_stops_with_the_fix(tmp_path, data_file, tiny_tokenizer):
+    with pytest.raises(LorakitError, match=r"training diverged at step \d+ .*lower --lr"):
+        _run(_cfg(tmp_path, data_file, lr=1e20, dropout=0.0), tiny_tokenizer)
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()  # no NaN adapter
+
+
+def test_resume_from_a_checkpoint_that_does_not_fit_or_is_corrupt(
+    tmp_path, data_file, tiny_tokenizer
+):
+    _run(_cfg(tmp_path, data_file, steps=2, rank=4), tiny_tokenizer)
+    run = tmp_path / "run"
+    (run / "train_config.json").unlink()  # past the early check: the tensors must tell
+    with pytest.raises(LorakitError, match=r"does not match this run's adapter \(.* is \(4, "):
+        _run(_cfg(tmp_path, data_file, steps=3, rank=8, resume=True), tiny_tokenizer)
+    (run / "checkpoint" / "state.json").write_text("{truncated")
+    with pytest.raises(LorakitError, match="unreadable or corrupt .* --overwrite"):
+        _run(_cfg(tmp_path, data_file, steps=3, rank=4, resume=True), tiny_tokenizer)
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [

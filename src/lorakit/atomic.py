@@ -1,7 +1,9 @@
-"""Atomic file writes: a file is either the old one or the complete new one, never half-written."""
+"""Atomic file writes: a file is either the old one or the complete new one, never half-written;
+and the check that an output directory can be written before any slow work begins."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,20 +12,28 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 
+def _fix(e: OSError) -> str:
+    """What to do about a failed write, from its errno."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free some disk space"
+    return "choose a writable place"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) for a temporary file beside `path`, then rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise LorakitError(f"could not write {path}: {e.strerror or e}; {_fix(e)}") from None
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise LorakitError(
-            f"could not write {path}: {e.strerror or e}; free some disk space"
-        ) from None
+        raise LorakitError(f"could not write {path}: {e.strerror or e}; {_fix(e)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -37,3 +47,48 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+def check_can_create(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, creating nothing, a directory `path` that cannot be made or written: a file in
+    the way, or a nearest existing folder that refuses new files (tried with a real file, since
+    permission bits say nothing to root, nor of read-only or virtual file systems)."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = f"{flag} {path}" if existing == path else f"{flag} {path}: {existing}"
+        raise LorakitError(f"{where} is a file; choose a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lorakit-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        what = "write into" if existing == path else "create"
+        raise LorakitError(
+            f"cannot {what} {flag} {path} ({existing}: {e.strerror or e}); "
+            "choose a writable directory"
+        ) from None
+
+
+def make_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create directory `path` (and its parents), checked as `check_can_create` does."""
+    path = Path(path)
+    check_can_create(path, flag)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LorakitError(
+            f"cannot create {flag} {path} ({e.strerror or e}); choose a writable directory"
+        ) from None
+    return path
+
+
+def check_new_dir(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse, creating nothing, an output directory that exists and is not empty (its files
+    would be lost) or that cannot be created (`check_can_create`)."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        raise LorakitError(f"{flag} {path} exists and is not empty; choose a new directory")
+    check_can_create(path, flag)

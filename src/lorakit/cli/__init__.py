@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from lorakit.errors import LorakitError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a refused flag reported as lorakit's own errors are: one line, exit 2
+    (not the usage text first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from lorakit.cli import adapters, anatomy, evaluate, generate, serve, train
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lorakit", description="QLoRA fine-tuning on the hardware you already have."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -22,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help exits 0 as argparse does; a refused flag returns 2
+        if not e.code:
+            raise
+        return int(e.code)
     try:
         args.func(args)
     except LorakitError as e:

@@ -8,7 +8,8 @@ import math
 
 from lorakit.cli.common import warn
 from lorakit.errors import LorakitError
-from lorakit.lora.peft_format import adapter_library, combine_adapters
+from lorakit.lora.library import adapter_library
+from lorakit.lora.peft_format import combine_adapters
 from lorakit.models.loading import resolve_model
 from lorakit.models.merge import merge_into_base
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from lorakit.errors import LorakitError
 from lorakit.inference.sampling import Sampling
 from lorakit.lora.peft_format import load_adapter
 from lorakit.models.loading import ModelSource, load_model
@@ -48,19 +49,27 @@ def sampling(args: argparse.Namespace) -> Sampling:
 
 
 def adapter_spec(spec: str) -> tuple[str, str]:
-    """(name, dir) from an --adapter value: NAME=DIR, or DIR named after its folder."""
-    name, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
-    return name, path
+    """(name, dir) from an --adapter value: NAME=DIR, or DIR named after its folder (a '.' in
+    the folder's name becomes '_': adapter names cannot hold one)."""
+    if "=" in spec:
+        name, _, path = spec.partition("=")
+        if not name or not path:
+            raise LorakitError(f"--adapter {spec!r}: give NAME=DIR (both non-empty) or DIR")
+        return name, path
+    return Path(spec).resolve().name.replace(".", "_"), spec
 
 
 def load_with_adapters(
     args: argparse.Namespace, quant: str = "nf4"
 ) -> tuple[nn.Module, Any, ModelSource, list[str]]:
     """The base model plus each --adapter (NAME=DIR or DIR, named after its folder)."""
+    specs = [adapter_spec(spec) for spec in args.adapter or []]
+    for _, path in specs:  # before the slow model load
+        if not Path(path).is_dir():
+            raise LorakitError(f"adapter directory {path} not found")
     model, tokenizer, source = load_model(args.model, quant=quant)
     names = []
-    for spec in args.adapter or []:
-        name, path = adapter_spec(spec)
+    for name, path in specs:
         config = load_adapter(model, path, name=name)
         if config.base_model and config.base_model != source.name:
             warn(f"adapter {name} was trained on {config.base_model}, not {source.name}")

@@ -56,7 +56,12 @@ def cmd_chat(args: argparse.Namespace) -> None:
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        reply = _answer(model, tokenizer, history, args, adapter=names)
+        try:
+            reply = _answer(model, tokenizer, history, args, adapter=names)
+        except LorakitError as e:  # the history outgrew the context: the chat goes on
+            history.pop()
+            print(f"error: {e}; or /reset to forget the history", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": reply})
 
 

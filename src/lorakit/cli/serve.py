@@ -33,7 +33,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     adapters = [adapter_spec(spec) for spec in args.adapter or []]
     for adapter, path in adapters:
         if not ADAPTER_NAME.match(adapter):
-            raise LorakitError(f"adapter name {adapter!r}: use letters, digits, '.', '_', '-'")
+            raise LorakitError(
+                f"adapter name {adapter!r}: use letters, digits, '_', '-'; give --adapter NAME=DIR"
+            )
         if not Path(path).is_dir():
             raise LorakitError(f"adapter directory {path} not found")
     for folder in args.adapter_dir or []:

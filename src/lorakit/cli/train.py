@@ -18,7 +18,7 @@ from lorakit.models.loading import load_model
 from lorakit.models.precision import autocast
 from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, resolve_device, validate
-from lorakit.training.rundir import TrainResult, prepare_out_dir
+from lorakit.training.rundir import TrainResult, check_out_dir
 from lorakit.training.trainer import train
 
 # `lorakit train` on the embedded data, without --steps/--epochs/--lr: a few minutes on 2 cores.
@@ -29,19 +29,25 @@ def read_config_file(path: str) -> dict:
     """Settings from a TOML or YAML file (the same keys as the flags, with _ for -)."""
     file = Path(path)
     if not file.is_file():
-        raise LorakitError(f"config file {path} not found")
+        what = "is a directory" if file.is_dir() else "not found"
+        raise LorakitError(f"config file {path} {what}; give a .toml or .yaml file")
+    if file.suffix not in (".toml", ".yaml", ".yml"):
+        raise LorakitError(f"config file {path}: use a .toml, .yaml or .yml file")
     try:
+        text = file.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not a setting
         if file.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(file.read_text())
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
+            return tomllib.loads(text)
+        import yaml
 
-            return yaml.safe_load(file.read_text()) or {}
+        return yaml.safe_load(text) or {}
     except Exception as e:  # tomllib / yaml parse errors: report, no traceback
-        raise LorakitError(f"config file {path} is not valid: {e}") from None
-    raise LorakitError(f"config file {path}: use a .toml, .yaml or .yml file")
+        # YAML's messages span lines (with a caret under the column): one line here.
+        lines = [x.strip() for x in str(e).splitlines() if x.strip().strip("^")]
+        raise LorakitError(
+            f"config file {path} is not valid: {'; '.join(lines) or type(e).__name__}"
+        ) from None
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -57,6 +63,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
             f"unknown setting(s) {', '.join(unknown)} in {args.config}; valid: "
             + ", ".join(k for k in keys if k != "extra")
         )
+    targets = settings.get("targets")
+    if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+        settings["targets"] = ",".join(targets)  # targets = ["q_proj", "v_proj"] in a file
     settings.update({k: v for k, v in vars(args).items() if k in keys and v is not None})
     if settings.get("data") is None and not {"steps", "epochs", "lr"} & settings.keys():
         settings.update(DEMO_PRESET)  # the embedded data: a quick demo, not a full epoch
@@ -112,7 +121,7 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
     """Load, train, then answer held-out prompts before and after."""
     validate(cfg)
     # Refuse a bad --out or data file before the slow model load.
-    prepare_out_dir(cfg)
+    check_out_dir(cfg)
     D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
     if cfg.eval_data:
         D.load_examples(cfg.eval_data, cfg.skip_bad_lines)
@@ -126,6 +135,8 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.samples < 0:
+        raise LorakitError(f"--samples must be >= 0 (0: none), got {args.samples}")
     cfg = train_config(args)
     result, samples = run_training(cfg, samples=args.samples)
     if samples:

@@ -9,6 +9,7 @@ and never half a UTF-8 character.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from typing import Any
@@ -64,6 +65,13 @@ def generate_ids(
     sampling.validate()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise LorakitError("empty prompt; give some text to continue")
+    vocab = model.get_input_embeddings().num_embeddings
+    outside = next((t for p in prompts for t in p if not 0 <= t < vocab), None)
+    if outside is not None:
+        raise LorakitError(
+            f"token id {outside} is outside the model's vocabulary of {vocab}; encode prompts "
+            "with this model's own tokenizer"
+        )
     longest = max(len(p) for p in prompts)
     check_context(model, longest, sampling.max_new_tokens)
     device = model.get_input_embeddings().weight.device
@@ -124,6 +132,40 @@ def _set_up(
     stack.enter_context(output_head_kernel(model))
 
 
+def _sampling(settings: dict[str, Any]) -> Sampling:
+    """A `Sampling` from generate's keyword arguments (stop: a string or a list of them)."""
+    known = [f.name for f in dataclasses.fields(Sampling)]
+    unknown = sorted(set(settings) - set(known))
+    if unknown:
+        raise LorakitError(
+            f"generate: unknown setting(s) {', '.join(unknown)}; sampling settings are "
+            + ", ".join(known)
+        )
+    stop = settings.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, (list, tuple)):
+        raise LorakitError(f"stop must be a string or a list of strings, got {stop!r}")
+    return Sampling(**{**settings, "stop": tuple(stop)})
+
+
+def _check_prompt(prompt: Any) -> None:
+    """Refuse a prompt that is neither text nor a conversation of {"role", "content"} dicts."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise LorakitError("empty prompt; give some text to answer")
+        return
+    if not isinstance(prompt, list) or not prompt:
+        raise LorakitError(
+            f"the prompt must be a string or a non-empty list of messages, got {prompt!r:.60}"
+        )
+    for i, m in enumerate(prompt):
+        if not (isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m):
+            raise LorakitError(
+                f'message {i} of the prompt must be {{"role": ..., "content": "..."}}, '
+                f"got {m!r:.60}"
+            )
+
+
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -144,14 +186,8 @@ def generate(
 
         text = lorakit.generate(model, tokenizer, "What is a kludge?", adapter="jargon")
     """
-    if "stop" in sampling and isinstance(sampling["stop"], str):
-        sampling["stop"] = (sampling["stop"],)
-    try:
-        s = Sampling(**{k: tuple(v) if k == "stop" else v for k, v in sampling.items()})
-    except TypeError as e:
-        raise LorakitError(f"generate: {e}; sampling settings are {Sampling.__doc__}") from None
-    if isinstance(prompt, str) and not prompt.strip():
-        raise LorakitError("empty prompt; give some text to answer")
+    s = _sampling(sampling)
+    _check_prompt(prompt)
     if raw:
         if not isinstance(prompt, str):
             raise LorakitError("raw=True continues a text; give the prompt as a string")

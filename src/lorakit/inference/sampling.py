@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,17 @@ class Sampling:
     seed: int | None = None
 
     def validate(self) -> None:
+        for key, kinds in (("max_new_tokens", int), ("top_k", int), ("seed", (int, type(None)))):
+            value = getattr(self, key)
+            if not isinstance(value, kinds) or isinstance(value, bool):
+                raise LorakitError(f"--{key.replace('_', '-')} must be an integer, got {value!r}")
+        for key in ("temperature", "top_p"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                flag = f"--{key.replace('_', '-')}"
+                raise LorakitError(f"{flag} must be a finite number, got {value!r}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise LorakitError(f"stop strings must be strings, got {self.stop!r}")
         if self.max_new_tokens <= 0:
             raise LorakitError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:

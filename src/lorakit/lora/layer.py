@@ -43,6 +43,14 @@ def is_linear_like(module: nn.Module) -> bool:
     )
 
 
+def check_adapter_name(name: object) -> None:
+    """Refuse an adapter name torch's ModuleDict (and so PEFT) cannot hold as a key."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise LorakitError(
+            f"adapter name {name!r} is not allowed: give a non-empty name without '.'"
+        )
+
+
 class LoRALinear(nn.Module):
     """A frozen base layer plus named LoRA adapters (see the module docstring)."""
 
@@ -72,6 +80,7 @@ class LoRALinear(nn.Module):
     ) -> None:
         if rank <= 0:
             raise LorakitError(f"LoRA rank must be a positive integer, got {rank}; try --rank 16")
+        check_adapter_name(name)
         if name in self.lora_A:
             raise LorakitError(
                 f"adapter {name!r} already exists on this layer; choose another name"
@@ -227,6 +236,7 @@ def attach_lora(
     """Wrap each named module (once) and add adapter `name` to it; returns the wrapped names."""
     if rank <= 0:
         raise LorakitError(f"LoRA rank must be a positive integer, got {rank}; try --rank 16")
+    check_adapter_name(name)
     for module_name in module_names:
         module = model.get_submodule(module_name)
         if not isinstance(module, LoRALinear):

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.atomic import atomic_write, atomic_write_text, check_new_dir, make_dir
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import (
     LoRALinear,
     attach_lora,
+    check_adapter_name,
     is_conv1d,
     is_linear_like,
     layer_features,
@@ -75,6 +76,8 @@ class AdapterConfig:
     @classmethod
     def from_peft(cls, d: dict, where: str) -> AdapterConfig:
         """Read a PEFT adapter_config.json dict, refusing features we do not implement."""
+        if not isinstance(d, dict):
+            raise LorakitError(f"{where} holds {type(d).__name__}, not an object of settings")
         if d.get("peft_type", "LORA") != "LORA":
             raise LorakitError(
                 f"{where}: peft_type {d.get('peft_type')!r} is not supported (LORA only)"
@@ -110,16 +113,42 @@ class AdapterConfig:
             target_modules=d.get("target_modules") or [],
             base_model=d.get("base_model_name_or_path"),
             fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
-            rank_pattern=dict(d.get("rank_pattern") or {}),
-            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            rank_pattern=_patterns(d.get("rank_pattern"), int),
+            alpha_pattern=_patterns(d.get("alpha_pattern"), float),
         )
 
     def alpha_for(self, module_name: str) -> float:
         """PEFT's alpha_pattern: the first pattern that matches the end of the name wins."""
-        for pattern, alpha in self.alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module_name):
-                return float(alpha)
-        return self.alpha
+        alpha = _pattern_value(self.alpha_pattern, module_name)
+        return self.alpha if alpha is None else float(alpha)
+
+    def rank_for(self, module_name: str) -> int:
+        """PEFT's rank_pattern, matched as alpha_pattern is."""
+        rank = _pattern_value(self.rank_pattern, module_name)
+        return self.rank if rank is None else int(rank)
+
+
+def _patterns(patterns: object, kind: type) -> dict:
+    """A rank_pattern / alpha_pattern read from JSON: {regex: number}; ValueError if not."""
+    if not patterns:
+        return {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"a pattern table must be an object, got {type(patterns).__name__}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} is not a regular expression ({e})") from None
+    return {str(k): kind(v) for k, v in patterns.items()}
+
+
+def _pattern_value(patterns: dict, module_name: str) -> object | None:
+    """The value of the first pattern that matches the end of `module_name` (a whole dotted
+    part or more), as PEFT's get_pattern_key does; None if none does."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return None
 
 
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -145,6 +174,15 @@ def save_adapter(
     }
     if not tensors:
         raise LorakitError(f"the model has no adapter named {name!r} to save")
+    for module_name, layer in lora_layers(model):
+        # A config that does not describe the weights would save an adapter nothing can load.
+        if name in layer.lora_A and layer.lora_A[name].out_features != config.rank_for(module_name):
+            rank = layer.lora_A[name].out_features
+            raise LorakitError(
+                f"adapter {name!r} has rank {rank} on {module_name}, but the config says "
+                f"{config.rank_for(module_name)}; save it with AdapterConfig(rank={rank}, ...) "
+                "(or a rank_pattern for that module)"
+            )
     config.fan_in_fan_out = any(
         is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
         for _, layer in lora_layers(model)
@@ -180,30 +218,59 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
         weights = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as e:
         raise LorakitError(f"{weights_file} is corrupt or unreadable ({e}); re-save it") from None
+    for key, tensor in weights.items():
+        if not tensor.is_floating_point():
+            raise LorakitError(
+                f"{weights_file}: {key} holds {tensor.dtype}, not floating-point weights; "
+                "the adapter is broken: retrain or re-save it"
+            )
+        if not torch.isfinite(tensor).all():
+            raise LorakitError(
+                f"{weights_file} holds NaN/inf in {key}; the adapter is broken: retrain or "
+                "re-save it"
+            )
     return config, weights
 
 
 def _group_weights(
-    weights: dict[str, torch.Tensor], where: Path
+    weights: dict[str, torch.Tensor], config: AdapterConfig, where: Path
 ) -> dict[str, dict[str, torch.Tensor]]:
+    """{module name: {"A": (r, in), "B": (out, r)}}, each pair of the rank its config gives."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         match = _KEY.match(key)
         if match is None:
             raise LorakitError(f"{where}: unexpected tensor {key!r} (not a LoRA A/B weight)")
         modules.setdefault(match.group(1), {})[match.group(2)] = tensor
+    if not modules:
+        raise LorakitError(f"{where}: the adapter holds no LoRA weights")
     for module_name, pair in modules.items():
         if set(pair) != {"A", "B"}:
             raise LorakitError(f"{where}: {module_name} has lora_A or lora_B but not both")
-    if not modules:
-        raise LorakitError(f"{where}: the adapter holds no LoRA weights")
+        a, b = pair["A"], pair["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise LorakitError(
+                f"{where}: {module_name} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}, not (r, in) and (out, r); the adapter is broken: re-save it"
+            )
+        expected = config.rank_for(module_name)
+        if a.shape[0] != expected:
+            said = (
+                "r" if _pattern_value(config.rank_pattern, module_name) is None else "rank_pattern"
+            )
+            raise LorakitError(
+                f"{where}: {module_name} has rank {a.shape[0]} in its tensors but {CONFIG_NAME} "
+                f"says {said} = {expected}; the config does not belong to these weights: "
+                "re-save the adapter"
+            )
     return modules
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> AdapterConfig:
     """Attach the adapter at `path` to `model` as adapter `name` (any rank, any layer subset)."""
+    check_adapter_name(name)
     config, weights = read_adapter(path)
-    modules = _group_weights(weights, Path(path))
+    modules = _group_weights(weights, config, Path(path))
     # Check every module before wrapping any, so an error leaves the model untouched.
     for module_name, pair in modules.items():
         _check_target(model, path, config, module_name, pair["A"], pair["B"], name)
@@ -266,8 +333,9 @@ def combine_adapters(
     """
     if len(paths) != len(weights):
         raise LorakitError(f"{len(weights)} weights for {len(paths)} adapters")
+    check_new_dir(out, "--out")  # never over an adapter (one of these, perhaps) or a file
     loaded = [
-        (cfg, _group_weights(w, Path(p)))
+        (cfg, _group_weights(w, cfg, Path(p)))
         for p, (cfg, w) in zip(paths, map(read_adapter, paths), strict=True)
     ]
     modules = sorted({m for _, mods in loaded for m in mods})
@@ -319,66 +387,8 @@ def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: Adapter
 
     # Serialize the config first: if that fails, neither file has been replaced yet.
     config_text = json.dumps(config.to_peft(), indent=2) + "\n"
+    make_dir(path, "the adapter directory")
     atomic_write(
         path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"})
     )
     atomic_write_text(path / CONFIG_NAME, config_text)
-
-
-def adapter_library(folder: str | os.PathLike, base: str | None = None) -> list[dict]:
-    """Every adapter directory under `folder`: name, base, rank, targets, size, training metrics."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LorakitError(f"{folder} is not a directory")
-    rows = []
-    for config_file in sorted(folder.rglob(CONFIG_NAME)):
-        path = config_file.parent
-        try:
-            config = AdapterConfig.from_peft(json.loads(config_file.read_text()), str(config_file))
-        except (LorakitError, json.JSONDecodeError, ValueError) as e:
-            rows.append(
-                {
-                    "name": str(path.relative_to(folder)),
-                    "base_model": None,
-                    "rank": "?",
-                    "targets": "",
-                    "size_mb": 0.0,
-                    "steps": None,
-                    "eval_loss": None,
-                    "warning": f"{path}: unreadable adapter ({e})",
-                }
-            )
-            continue
-        weights = path / WEIGHTS_NAME
-        steps, eval_loss = _training_metrics(path)
-        targets = config.target_modules
-        row = {
-            "name": str(path.relative_to(folder)) if path != folder else path.name,
-            "path": str(path),
-            "base_model": config.base_model,
-            "rank": config.rank,
-            "targets": targets if isinstance(targets, str) else ",".join(sorted(targets)),
-            "size_mb": weights.stat().st_size / 1e6 if weights.is_file() else 0.0,
-            "steps": steps,
-            "eval_loss": eval_loss,
-        }
-        if base is not None and config.base_model not in (None, base):
-            row["warning"] = f"{row['name']} was trained on {config.base_model}, not {base}"
-        rows.append(row)
-    return rows
-
-
-def _training_metrics(path: Path) -> tuple[int | None, float | None]:
-    """(steps, final eval loss) from a lorakit run's metrics.jsonl, if there is one."""
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        return None, None
-    steps, eval_loss = None, None
-    for line in metrics.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        steps = row.get("step", steps)
-        eval_loss = row.get("eval_loss", eval_loss)
-    return steps, eval_loss

@@ -303,6 +303,23 @@ def quantizable_modules(model: nn.Module) -> set[str]:
     return set(linear_modules(model))
 
 
+def _check_settings(dtype: object, device: object, blocksize: object) -> None:
+    """Refuse load_model's arguments before any reading: a dtype that is not a floating
+    torch.dtype, a device torch does not know or has not got, an NF4 block size."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise LorakitError(
+            f"dtype must be a floating torch dtype (torch.bfloat16...), got {dtype!r}"
+        )
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise LorakitError(f"device {device!r} is not a device; use cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise LorakitError("device cuda: no CUDA GPU is visible; use cpu")
+    if not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 2:
+        raise LorakitError(f"blocksize must be a positive even number (e.g. 64), got {blocksize!r}")
+
+
 def load_model(
     spec: str | os.PathLike | None = None,
     quant: str = "nf4",
@@ -318,6 +335,7 @@ def load_model(
     """
     if quant not in ("nf4", "none"):
         raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
+    _check_settings(dtype, device, blocksize)
     source = resolve_model(spec)
     dtype = dtype or default_dtype(device)
     config = load_config(source)

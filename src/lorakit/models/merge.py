@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from lorakit.atomic import check_new_dir
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import merge_lora
 from lorakit.lora.peft_format import load_adapter
@@ -22,10 +23,7 @@ def merge_into_base(model_spec: str, adapter: str | os.PathLike, out: str | os.P
     temporary sibling and renamed, so it is never half-written.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise LorakitError(f"--out {out} is a file; give a new directory for the merged model")
-    if out.is_dir() and any(out.iterdir()):
-        raise LorakitError(f"{out} exists and is not empty; choose a new --out directory")
+    check_new_dir(out, "--out")  # before the slow load: a file, a full or unwritable place
     model, tokenizer, _ = load_model(model_spec, quant="none", dtype=torch.float32)
     load_adapter(model, adapter, name="merge")
     merge_lora(model, "merge", unload=True)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lorakit.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 
 MAX_BODY = 2 << 20  # bytes; far more than any prompt that fits a context
-ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # no '.': see LoRALinear
 
 
 class ApiError(Exception):
@@ -146,7 +146,7 @@ def check_adapter_name(name: str, base_name: str) -> None:
     if not ADAPTER_NAME.match(name) or name == base_name:
         raise ApiError(
             400,
-            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
             "starting with a letter or digit, and not the base model's name",
             param="name",
         )

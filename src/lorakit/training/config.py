@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora.layer import adapter_names
 from lorakit.models.loading import context_length
 from lorakit.training.loss import CHUNK
 
@@ -71,18 +73,65 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# Settings only a --config file (or the Python API) sets: no flag to name in a message.
+FILE_ONLY = {"weight_decay", "max_grad_norm", "eval_max_sequences", "loss_chunk", "extra"}
+_KINDS = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+    "dict": ((dict,), "a table"),
+}
+
+
+def flag(key: str) -> str:
+    """How a message names setting `key`: its flag, or the key of a config file."""
+    return key if key in FILE_ONLY else "--" + key.replace("_", "-")
+
+
+def check_types(cfg: TrainConfig) -> None:
+    """Refuse a setting of the wrong type (rank = "x" in a config file), which would otherwise
+    fail deep inside the run with a TypeError."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        kinds = [k for k in kinds if k != "None"]
+        ok = any(isinstance(value, _KINDS[k][0]) for k in kinds)
+        if not ok or (isinstance(value, bool) and "bool" not in kinds):
+            what = " or ".join(_KINDS[k][1] for k in kinds)
+            raise LorakitError(f"{flag(f.name)} must be {what}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> tuple[bool, str]:
+    return value > 0 and math.isfinite(value), f"{flag(key)} must be positive, got {value}"
+
+
+def _not_negative(key: str, value: float) -> tuple[bool, str]:
+    return value >= 0 and math.isfinite(value), f"{flag(key)} must be >= 0, got {value}"
+
+
 def validate(cfg: TrainConfig) -> None:
     """Refuse settings no run can use, with the flag and the fix."""
+    check_types(cfg)
     checks = [
         (cfg.rank > 0, f"--rank must be a positive integer, got {cfg.rank}"),
-        (cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}"),
+        _positive("alpha", cfg.alpha),
         (0 <= cfg.dropout < 1, f"--dropout must be in [0, 1), got {cfg.dropout}"),
         (cfg.steps is None or cfg.steps > 0, f"--steps must be positive, got {cfg.steps}"),
-        (cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}"),
-        (cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}"),
-        (cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}"),
+        _positive("epochs", cfg.epochs),
+        _positive("batch_size", cfg.batch_size),
+        _positive("grad_accum", cfg.grad_accum),
         (cfg.micro_batch >= 0, f"--micro-batch must be >= 0 (0 = auto), got {cfg.micro_batch}"),
-        (cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        _positive("lr", cfg.lr),
+        _not_negative("warmup", cfg.warmup),
+        _not_negative("weight_decay", cfg.weight_decay),
+        _not_negative("max_grad_norm", cfg.max_grad_norm),
+        _not_negative("eval_every", cfg.eval_every),
+        _positive("eval_max_sequences", cfg.eval_max_sequences),
+        _not_negative("save_every", cfg.save_every),
+        _positive("loss_chunk", cfg.loss_chunk),
         (cfg.seq_len >= 32, f"--seq-len {cfg.seq_len} is too small; use at least 32 (e.g. 512)"),
         (cfg.quant in ("nf4", "none"), f"--quant must be nf4 or none, got {cfg.quant!r}"),
         (cfg.grad_checkpointing in ("auto", "on", "off"), "--grad-checkpointing: auto, on or off"),
@@ -94,9 +143,19 @@ def validate(cfg: TrainConfig) -> None:
             raise LorakitError(message)
 
 
-def check_fits_model(cfg: TrainConfig, model: nn.Module) -> None:
+def check_fits_model(cfg: TrainConfig, model: nn.Module, tokenizer: object) -> None:
     """Refuse settings this model cannot take, before any data is packed: a --seq-len beyond
-    its context (position embeddings past it do not exist, or were never trained)."""
+    its context (position embeddings past it do not exist, or were never trained); and a model
+    without its tokenizer, or already carrying adapters (they would be trained too)."""
+    if tokenizer is None:
+        raise LorakitError("train: pass the model's tokenizer with it (load_model returns both)")
+    present = adapter_names(model)
+    if present:
+        raise LorakitError(
+            f"the model already carries adapter(s) {', '.join(present)} (an earlier train or "
+            "load_adapter), which would be trained along with the new one; train a freshly "
+            "loaded model"
+        )
     limit = context_length(model)
     if limit is not None and cfg.seq_len > limit:
         raise LorakitError(

@@ -77,7 +77,7 @@ def load_examples(path: str | Path, skip_bad_lines: bool = False) -> Examples:
         what = "is a directory, not a file" if path.is_dir() else "no such file"
         raise DataError(f"{path}: {what}; pass a .jsonl or .txt file of training data")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows editors) is not data
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
     if path.suffix.lower() == ".txt":
@@ -285,8 +285,12 @@ def pack_sequences(
             pieces.append((ids[:seq_len], labels[:seq_len]))
         else:
             too_long_prompts.append(trained[0])
+    if not tokenized:
+        raise DataError("no examples to pack; give a data file with some examples")
+    if not pieces and not too_long_prompts:
+        raise DataError("no example has a token to learn; give examples with answers or text")
     if not pieces:
-        shortest = min(too_long_prompts, default=0)
+        shortest = min(too_long_prompts)
         raise DataError(
             f"seq_len {seq_len} is shorter than the prompt of every example (the shortest prompt "
             f"has {shortest} tokens); raise --seq-len above {shortest} or shorten the prompts"

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_write, atomic_write_text
+from lorakit.atomic import atomic_write, atomic_write_text, check_can_create, make_dir
 from lorakit.errors import LorakitError
 
 RUN_FILES = (
@@ -51,17 +51,38 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "state.safetensors"))
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+        int(meta["step"]), float(meta["adam_step"]), int(meta["metrics_lines"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise LorakitError(
+            f"checkpoint {path} is unreadable or corrupt ({e}); start over with --overwrite"
+        ) from None
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
-    missing = [n for n in names if f"param.{n}" not in tensors]
-    if missing:
+    for n in names:
+        saved = tensors.get(f"param.{n}")
+        if saved is None or saved.shape != params[n].shape:
+            why = (
+                f"it has no {n}"
+                if saved is None
+                else f"{n} is {tuple(saved.shape)} there, {tuple(params[n].shape)} here"
+            )
+            raise LorakitError(
+                f"checkpoint {path} does not match this run's adapter ({why}); resume with the "
+                "same --model, --targets and --rank, or start over with --overwrite"
+            )
+    wanted = ["rng.cpu"]
+    if meta["step"] > 0:
+        wanted += [f"adam.{k}.{n}" for n in names for k in ("exp_avg", "exp_avg_sq")]
+    lost = [k for k in wanted if k not in tensors]
+    if lost:
         raise LorakitError(
-            f"checkpoint {path} does not match this run's adapter (no {missing[0]}); resume with "
-            "the same --model, --targets and --rank, or start over with --overwrite"
+            f"checkpoint {path} is incomplete (no {lost[0]}); start over with --overwrite"
         )
     with torch.no_grad():
         for n in names:
@@ -81,8 +102,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
     return meta
 
 
-def prepare_out_dir(cfg) -> Path:
-    """The output directory of `cfg` (a TrainConfig), refusing to clobber an earlier run."""
+def check_out_dir(cfg) -> Path:
+    """Refuse an output directory (of `cfg`, a TrainConfig) that would clobber an earlier run,
+    that --resume cannot resume from, or that cannot be written; changes nothing on disk."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise LorakitError(f"--out {out} is a file; give a directory")
@@ -94,14 +116,59 @@ def prepare_out_dir(cfg) -> Path:
             f"{out} already holds a training run; use --resume to continue it, --overwrite to "
             "replace it, or --out to choose another directory"
         )
-    if cfg.resume and not (out / "checkpoint" / "state.json").is_file():
-        raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
-    if cfg.overwrite and not cfg.resume and holds_run:
+    if cfg.resume:
+        if not (out / "checkpoint" / "state.json").is_file():
+            raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
+        _check_same_adapter(out, cfg)
+    check_can_create(out, "--out")
+    return out
+
+
+def _check_same_adapter(out: Path, cfg) -> None:
+    """--resume with another --rank or --targets: the checkpoint's tensors cannot fit. Checked
+    against the run's train_config.json before the model loads (load_checkpoint checks the
+    tensors themselves after)."""
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return  # no readable record: load_checkpoint still compares the tensors
+    for key, flag in (("rank", "--rank"), ("targets", "--targets")):
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise LorakitError(
+                f"--resume: the run in {out} was trained with {flag} {saved[key]}, not "
+                f"{getattr(cfg, key)}; resume with {flag} {saved[key]}, or start over with "
+                "--overwrite"
+            )
+
+
+def prepare_out_dir(cfg) -> Path:
+    """The output directory of `cfg`, checked (`check_out_dir`) and created; with --overwrite
+    the earlier run's files are deleted, so call it once every other check has passed."""
+    out = check_out_dir(cfg)
+    if cfg.overwrite and not cfg.resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    return make_dir(out, "--out")
+
+
+class Metrics:
+    """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
+
+    def __init__(self, path: Path, resume_lines: int | None) -> None:
+        self.path = path
+        if resume_lines is None:
+            atomic_write_text(path, "")
+        else:  # drop what was logged after the checkpoint we resume from
+            kept = path.read_text().splitlines()[:resume_lines] if path.is_file() else []
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def lines(self) -> int:
+        return count_lines(self.path)
 
 
 def plot_losses(metrics_file: Path, png: Path) -> None:
@@ -166,25 +233,6 @@ The files are PEFT's: `adapter_config.json`, `adapter_model.safetensors`. `train
 holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
 """
     atomic_write_text(out / "README.md", card)
-
-
-class Metrics:
-    """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
-
-    def __init__(self, path: Path, resume_lines: int | None) -> None:
-        self.path = path
-        if resume_lines is None:
-            atomic_write_text(path, "")
-        else:  # drop what was logged after the checkpoint we resume from
-            kept = path.read_text().splitlines()[:resume_lines]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-
-    def log(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def lines(self) -> int:
-        return count_lines(self.path)
 
 
 @dataclass

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lorakit.atomic import atomic_write_text
+from lorakit.errors import LorakitError
 from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
 from lorakit.lora.peft_format import AdapterConfig, save_adapter
 from lorakit.lora.targets import resolve_targets
@@ -40,6 +41,7 @@ from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.rundir import (
     Metrics,
     TrainResult,
+    check_out_dir,
     load_checkpoint,
     plot_losses,
     prepare_out_dir,
@@ -178,12 +180,18 @@ def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[list, list, list[d
         train_ex, eval_ex = list(examples), list(D.load_examples(cfg.eval_data, cfg.skip_bad_lines))
     else:
         train_ex, eval_ex = D.split_examples(examples, seed=cfg.seed)
+    if not train_ex:
+        raise D.DataError(
+            f'{cfg.data}: every example is marked "split": "eval", so none is left to train on; '
+            'mark some "train" or remove their "split"'
+        )
 
     def pack(items: list[dict]) -> list:
         tokenized = [D.tokenize_example(e, tokenizer, cfg.train_on_prompt) for e in items]
         return D.pack_sequences(tokenized, cfg.seq_len)
 
-    return pack(train_ex), pack(eval_ex), eval_ex
+    # A one-example file has no eval split: the run trains without eval losses.
+    return pack(train_ex), pack(eval_ex) if eval_ex else [], eval_ex
 
 
 def train_step(
@@ -278,6 +286,13 @@ class _Run:
                 self.metrics.log(
                     {"step": done, **row, "lr": lr, "tokens_per_s": speed, "elapsed_s": elapsed}
                 )
+                if not (math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])):
+                    bar.close()
+                    raise LorakitError(
+                        f"training diverged at step {done} (loss {row['loss']}, gradient norm "
+                        f"{row['grad_norm']}); lower --lr (now {cfg.lr:g}) and start over with "
+                        "--overwrite"
+                    )
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{speed:.0f}")
                 bar.update(1)
                 if stop.requested:
@@ -305,13 +320,13 @@ def train(
     `tokenizer` may be passed in (a model from `load_model`); else cfg.model is loaded. The
     model keeps the trained adapter as "default", active, in eval mode."""
     validate(cfg)
-    out = prepare_out_dir(cfg)
+    check_out_dir(cfg)  # the directory is changed only once every other check has passed
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
         base_name = source.name
-    check_fits_model(cfg, model)
+    check_fits_model(cfg, model, tokenizer)
     base_name = base_name or cfg.model
     dtype = default_dtype(device)
     train_set, eval_set, _ = build_datasets(cfg, tokenizer)
@@ -320,6 +335,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad = pad_id(tokenizer)
+    out = prepare_out_dir(cfg)
 
     def collate(rows: list) -> dict:
         b = D.collate(rows, dtype, pad_id=pad, pad_multiple=D.ROW_MULTIPLE)
