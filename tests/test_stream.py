@@ -80,3 +80,9 @@ def test_a_stop_string_made_of_a_multibyte_character_spanning_tokens():
     shown, stream = stream_all([raw[:cut], raw[cut:]], stop=("€",))
     assert "".join(shown) == "price: 5" and stream.stopped
     assert all("\ufffd" not in s for s in shown)
+
+
+def test_a_character_cut_off_by_the_last_token_is_dropped_at_finish():
+    raw = "ok €".encode()
+    shown, stream = stream_all([raw[:4], raw[4:5]])  # "ok " + the euro sign's first two bytes
+    assert shown == ["ok ", "", ""] and stream.text == "ok "

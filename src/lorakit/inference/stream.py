@@ -36,7 +36,11 @@ class TextStream:
         return self._take(safe - max(held, default=0))
 
     def finish(self) -> str:
-        """The rest of the text (what was held back), once no token will follow."""
+        """The rest of the text (what was held back), once no token will follow; a character
+        whose last bytes never came (generation stopped inside it) is dropped, not shown as
+        U+FFFD."""
+        if not self.stopped:
+            self.text = self.text.rstrip("\ufffd")
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
