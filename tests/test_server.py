@@ -655,18 +655,17 @@ def test_openai_client_against_a_real_server_equals_generate(adapters, tiny_toke
     engine = engine_with(adapters, tok)
     app = create_app(engine, tok, BASE, api_key="k")
     question, prompt = "What does foo mean?", "The quick brown fox"
+
+    def text(ids: list[int]) -> str:
+        # a character cut off by the last token is dropped, not sent as U+FFFD (TextStream)
+        return tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
+
     chat_want = {
-        m: tok.decode(
-            reference("llama", adapters.get(m), chat_ids(tok, question), 10, eos),
-            skip_special_tokens=True,
-        )
+        m: text(reference("llama", adapters.get(m), chat_ids(tok, question), 10, eos))
         for m in (BASE, "a", "b")
     }
     text_want = {
-        m: tok.decode(
-            reference("llama", adapters.get(m), tok.encode(prompt), 10, eos),
-            skip_special_tokens=True,
-        )
+        m: text(reference("llama", adapters.get(m), tok.encode(prompt), 10, eos))
         for m in (BASE, "a", "b")
     }
     assert len(set(chat_want.values())) == 3  # the adapters change the answer
