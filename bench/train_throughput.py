@@ -46,7 +46,7 @@ def report(tokens, seconds, losses, eval_loss):
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     print(json.dumps({"tokens_per_s": tokens / seconds, "peak_rss_mb":
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": peak_gpu,
-        "losses": losses, "eval_loss": eval_loss}))
+        "losses": losses, "eval_loss": eval_loss, "dtype": str(dtype).split(".")[-1]}))
 
 def sync():
     if cuda:
@@ -267,7 +267,7 @@ def main() -> None:
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"\n{name}, NF4 + double quant, bf16, r=16 q/k/v/o, {args.per_step} sequences "
+        f"\n{name}, NF4 + double quant, {a['dtype']}, r=16 q/k/v/o, {args.per_step} sequences "
         f"per step (<= {args.seq_len} tokens), {args.steps} timed steps after {args.warmup}, "
         f"{where}\n"
     )
