@@ -6,12 +6,13 @@ import argparse
 import json
 import math
 
-from lorakit.cli.common import warn
+from lorakit.cli.common import add_model_flags, warn
 from lorakit.errors import LorakitError
 from lorakit.lora.library import adapter_library
 from lorakit.lora.peft_format import combine_adapters
 from lorakit.models.loading import resolve_model
 from lorakit.models.merge import merge_into_base
+from lorakit.models.precision import resolve_device
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
@@ -26,8 +27,10 @@ def cmd_merge(args: argparse.Namespace) -> None:
             "merge folds one adapter into the base; to combine several into one "
             "adapter add --weights W1,W2,..."
         )
-    merge_into_base(args.model, args.adapter[0], args.out)
-    print(f"merged {args.adapter[0]} into {args.model}: a transformers model in {args.out}")
+    device = resolve_device(args.device)
+    merge_into_base(args.model, args.adapter[0], args.out, args.quant, device)
+    base = "its NF4-rounded base" if args.quant == "nf4" else args.model
+    print(f"merged {args.adapter[0]} into {base}: a transformers model in {args.out}")
 
 
 def _weights(text: str | None, n: int) -> list[float]:
@@ -85,7 +88,7 @@ def cmd_adapters(args: argparse.Namespace) -> None:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="fold an adapter into the base, or combine adapters")
-    p.add_argument("--model", default="smollm2", help="base model (merge into it)")
+    add_model_flags(p, adapters=False, quant="none")
     p.add_argument("--adapter", action="append", help="adapter DIR (repeat to combine)")
     p.add_argument("--weights", help="combine: comma-separated weights, one per adapter")
     p.add_argument("--combine", action="store_true", help="combine adapters (equal weights)")

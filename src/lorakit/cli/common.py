@@ -14,15 +14,30 @@ from lorakit.errors import LorakitError
 from lorakit.inference.sampling import Sampling
 from lorakit.lora.peft_format import load_adapter
 from lorakit.models.loading import ModelSource, load_model
+from lorakit.models.precision import resolve_device
 
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, adapters: bool = True, quant: str = "nf4") -> None:
+    """--model, --adapter (unless adapters=False), --device and --quant (default `quant`)."""
     p.add_argument("--model", default="smollm2", help="HF dir, .gguf file or alias")
-    p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+    if adapters:
+        p.add_argument("--adapter", action="append", help="adapter DIR or NAME=DIR (repeatable)")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto (default): a CUDA GPU if one is visible, else the CPU",
+    )
+    p.add_argument(
+        "--quant",
+        choices=["nf4", "none"],
+        default=quant,
+        help=f"nf4: the base in 4 bits, as QLoRA trains it; none: full precision (default {quant})",
+    )
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -59,15 +74,15 @@ def adapter_spec(spec: str) -> tuple[str, str]:
     return Path(spec).resolve().name.replace(".", "_"), spec
 
 
-def load_with_adapters(
-    args: argparse.Namespace, quant: str = "nf4"
-) -> tuple[nn.Module, Any, ModelSource, list[str]]:
-    """The base model plus each --adapter (NAME=DIR or DIR, named after its folder)."""
+def load_with_adapters(args: argparse.Namespace) -> tuple[nn.Module, Any, ModelSource, list[str]]:
+    """The base model (--model, --quant, on --device) plus each --adapter (NAME=DIR or DIR,
+    named after its folder)."""
     specs = [adapter_spec(spec) for spec in args.adapter or []]
-    for _, path in specs:  # before the slow model load
+    device = resolve_device(args.device)  # before the slow model load, as the adapters
+    for _, path in specs:
         if not Path(path).is_dir():
             raise LorakitError(f"adapter directory {path} not found")
-    model, tokenizer, source = load_model(args.model, quant=quant)
+    model, tokenizer, source = load_model(args.model, quant=args.quant, device=device)
     names = []
     for name, path in specs:
         config = load_adapter(model, path, name=name)

@@ -26,7 +26,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         examples = list(D.load_examples(args.data, args.skip_bad_lines))
     else:
         examples = D.split_examples(D.load_examples(D.default_dataset_path()))[1]
-    model, tokenizer, source, names = load_with_adapters(args, quant=args.quant)
+    model, tokenizer, source, names = load_with_adapters(args)
     limit = context_length(model)
     seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
     if limit is not None and seq_len > limit:
@@ -60,7 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of the base and each adapter")
     add_model_flags(p)
     p.add_argument("--data", help="JSONL/TXT file (default: the embedded data's eval split)")
-    p.add_argument("--quant", choices=["nf4", "none"], default="nf4")
     p.add_argument(
         "--seq-len", type=int, help="tokens per packed sequence (default 512, or the context)"
     )

@@ -23,7 +23,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         ) from None
     from lorakit.inference.engine import Engine
     from lorakit.models.loading import load_model
+    from lorakit.models.precision import resolve_device
 
+    device = resolve_device(args.device)
     if not 0 <= args.port <= 65535:
         raise LorakitError(f"--port {args.port} is not a port number (0-65535)")
     for flag in ("max_batch", "max_queue", "max_tokens"):
@@ -43,7 +45,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             raise LorakitError(f"--adapter-dir {folder} is not a directory")
     dirs = [Path(p).resolve().parent for _, p in adapters] + (args.adapter_dir or [])
 
-    model, tokenizer, source = load_model(args.model)
+    model, tokenizer, source = load_model(args.model, quant=args.quant, device=device)
     name = args.served_name or source.name
     if name in {a for a, _ in adapters}:
         raise LorakitError(f"{name!r} names both the base and an adapter; rename one")

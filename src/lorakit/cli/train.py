@@ -15,9 +15,9 @@ from lorakit.inference.generate import generate_ids
 from lorakit.inference.sampling import Sampling
 from lorakit.models.chat import encode_prompt, pad_id
 from lorakit.models.loading import load_model
-from lorakit.models.precision import autocast
+from lorakit.models.precision import autocast, resolve_device
 from lorakit.training import data as D
-from lorakit.training.config import TrainConfig, resolve_device, validate
+from lorakit.training.config import TrainConfig, validate
 from lorakit.training.rundir import TrainResult, check_out_dir
 from lorakit.training.trainer import train
 

@@ -8,23 +8,37 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lorakit.atomic import check_new_dir
 from lorakit.errors import LorakitError
-from lorakit.lora.layer import merge_lora
+from lorakit.lora.layer import is_conv1d, merge_lora
 from lorakit.lora.peft_format import load_adapter
-from lorakit.models.loading import load_model
+from lorakit.models.loading import load_model, quantizable_modules
+from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
 
-def merge_into_base(model_spec: str, adapter: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Load the base in fp32, add the adapter into its weights, save it to `out`.
+def merge_into_base(
+    model_spec: str,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    quant: str = "none",
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Load the base in fp32 (on `device`), add the adapter into its weights, save it to `out`.
 
-    Never re-quantized: the merged weights stay in float32. The directory is written to a
-    temporary sibling and renamed, so it is never half-written.
+    quant="nf4" first rounds every quantizable weight through NF4 and back: the base exactly as
+    QLoRA trained the adapter against it, rather than the original weights. Never re-quantized:
+    the merged weights stay in float32. The directory is written to a temporary sibling and
+    renamed, so it is never half-written.
     """
+    if quant not in ("nf4", "none"):
+        raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
     out = Path(out)
     check_new_dir(out, "--out")  # before the slow load: a file, a full or unwritable place
-    model, tokenizer, _ = load_model(model_spec, quant="none", dtype=torch.float32)
+    model, tokenizer, _ = load_model(model_spec, quant="none", dtype=torch.float32, device=device)
+    if quant == "nf4":
+        round_trip_nf4(model)
     load_adapter(model, adapter, name="merge")
     merge_lora(model, "merge", unload=True)
     try:
@@ -50,3 +64,16 @@ def merge_into_base(model_spec: str, adapter: str | os.PathLike, out: str | os.P
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@torch.no_grad()
+def round_trip_nf4(model: nn.Module, blocksize: int = 64) -> None:
+    """Replace each weight `load_model(quant="nf4")` would quantize by its NF4 round trip,
+    quantized in the same orientation (Conv1D's transposed), so the values are bit for bit
+    what the 4-bit base computes with."""
+    for name in quantizable_modules(model):
+        weight = model.get_submodule(name).weight
+        flip = is_conv1d(model.get_submodule(name))
+        source = weight.T if flip else weight
+        rounded = dequantize_nf4(quantize_nf4(source, blocksize), torch.float32)
+        weight.copy_(rounded.T if flip else rounded)

@@ -6,7 +6,6 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
@@ -60,17 +59,6 @@ class TrainConfig:
 
 def to_json(cfg: TrainConfig) -> str:
     return json.dumps(asdict(cfg), indent=2) + "\n"
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device a --device setting names (auto: a CUDA GPU if one is visible)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LorakitError("--device cuda: no CUDA GPU is visible; use --device cpu")
-    if name not in ("cpu", "cuda"):
-        raise LorakitError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 
 
 # Settings only a --config file (or the Python API) sets: no flag to name in a message.

@@ -33,10 +33,10 @@ from lorakit.lora.targets import resolve_targets
 from lorakit.models.chat import pad_id
 from lorakit.models.loading import load_model
 from lorakit.models.patches import training_patches
-from lorakit.models.precision import autocast, default_dtype
+from lorakit.models.precision import autocast, default_dtype, resolve_device
 from lorakit.quant.linear import dequantized_weights, free_memory, use_weight_cache
 from lorakit.training import data as D
-from lorakit.training.config import TrainConfig, check_fits_model, resolve_device, to_json, validate
+from lorakit.training.config import TrainConfig, check_fits_model, to_json, validate
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.rundir import (
     Metrics,
