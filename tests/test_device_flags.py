@@ -66,7 +66,9 @@ def test_device_cuda_without_a_gpu_is_one_line_before_loading(command, tmp_path,
 
 def test_generate_and_eval_take_quant_none(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 4}) + "\n")
+    data.write_text(
+        json.dumps({"text": "The quick brown fox jumps over the lazy dog. " * 4}) + "\n"
+    )
     losses = {}
     for quant in ("none", "nf4"):
         capsys.readouterr()
