@@ -14,12 +14,11 @@ from lorakit.errors import LorakitError
 from lorakit.inference.generate import generate_ids
 from lorakit.inference.sampling import Sampling
 from lorakit.models.chat import encode_prompt, pad_id
-from lorakit.models.loading import load_model
 from lorakit.models.precision import autocast, resolve_device
 from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, validate
 from lorakit.training.rundir import TrainResult, check_out_dir
-from lorakit.training.trainer import train
+from lorakit.training.trainer import load_for_training, train
 
 # `lorakit train` on the embedded data, without --steps/--epochs/--lr: a few minutes on 2 cores.
 DEMO_PRESET = {"steps": 30, "lr": 1e-3}
@@ -126,7 +125,7 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
     if cfg.eval_data:
         D.load_examples(cfg.eval_data, cfg.skip_bad_lines)
     device = resolve_device(cfg.device)
-    model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
+    model, tokenizer, source = load_for_training(cfg, device)
     result = train(cfg, model, tokenizer, base_name=source.name)
     if result.interrupted or samples <= 0:
         return result, []

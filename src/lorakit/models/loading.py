@@ -327,11 +327,13 @@ def load_model(
     device: str | torch.device = "cpu",
     blocksize: int = 64,
     with_tokenizer: bool = True,
+    before_weights: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, Any, ModelSource]:
     """(model, tokenizer, source): linear layers in NF4 (quant="nf4") or `dtype` (quant="none").
 
     Everything that is not quantized is stored in `dtype` (default: `default_dtype(device)`).
-    The model is frozen (no parameter requires grad) and in eval mode.
+    The model is frozen (no parameter requires grad) and in eval mode. `before_weights` is
+    called with the model still on meta, before any weight is read (a memory check).
     """
     if quant not in ("nf4", "none"):
         raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
@@ -340,6 +342,8 @@ def load_model(
     dtype = dtype or default_dtype(device)
     config = load_config(source)
     model = empty_model(config)
+    if before_weights is not None:
+        before_weights(model)
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in model.named_buffers()}
     quantize = quantizable_modules(model) if quant == "nf4" else set()

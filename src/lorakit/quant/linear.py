@@ -266,24 +266,18 @@ def dequantized_bytes(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 def use_weight_cache(
-    model: nn.Module,
-    dtype: torch.dtype,
-    device: torch.device,
-    setting: str = "auto",
-    training: bool = False,
+    model: nn.Module, dtype: torch.dtype, device: torch.device, setting: str = "auto"
 ) -> bool:
-    """The one rule for keeping the frozen base dequantized for a whole run
-    (`dequantized_weights`), for training, generation and serving alike. "on" / "off": as set.
-    "auto": for generation, never where the compiled kernel decodes from the 4-bit codes (it is
-    faster than the bf16 copy: BENCHMARKS.md, generation), else when the copy takes under half
-    of the device's free memory; for training, when it takes under 1/8 (the activations and the
-    optimizer need the rest), which saves dequantizing every weight twice per pass."""
+    """The rule for keeping the frozen base dequantized while generating or serving
+    (`dequantized_weights`; training decides in training.memory). "on" / "off": as set.
+    "auto": never where the compiled kernel decodes from the 4-bit codes (it is faster than the
+    dequantized copy: BENCHMARKS.md, generation), else when the copy takes under half of the
+    device's free memory."""
     if setting in ("on", "off"):
         return setting == "on"
-    if not training and decodes_from_codes(model, device):
+    if decodes_from_codes(model, device):
         return False
-    share = 8 if training else 2
-    return dequantized_bytes(model, dtype) < free_memory(device) / share
+    return dequantized_bytes(model, dtype) < free_memory(device) / 2
 
 
 @contextmanager

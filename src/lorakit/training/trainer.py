@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +31,12 @@ from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
 from lorakit.lora.peft_format import AdapterConfig, save_adapter
 from lorakit.lora.targets import resolve_targets
 from lorakit.models.chat import pad_id
-from lorakit.models.loading import load_model
+from lorakit.models.loading import empty_model, load_model
 from lorakit.models.patches import training_patches
 from lorakit.models.precision import autocast, default_dtype, resolve_device
-from lorakit.quant.linear import dequantized_weights, free_memory, use_weight_cache
+from lorakit.quant.linear import NF4Linear, dequantized_weights
 from lorakit.training import data as D
+from lorakit.training import memory
 from lorakit.training.config import TrainConfig, check_fits_model, to_json, validate
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.rundir import (
@@ -88,14 +89,16 @@ def micro_batch_size(cfg: TrainConfig, device: torch.device, model: nn.Module) -
     return max(1, min(cfg.batch_size, PASS_TOKENS // cfg.seq_len))
 
 
-def use_grad_checkpointing(setting: str, model: nn.Module, tokens_per_batch: int) -> bool:
-    """auto: on when the activations of one micro-batch would take over 1/4 of free memory."""
-    if setting in ("on", "off"):
-        return setting == "on"
-    cfg = model.config.get_text_config()
-    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    activations = layers * tokens_per_batch * hidden * 34 * 2  # Korthikanti et al. estimate, bf16
-    return activations > free_memory(torch.device("cpu")) / 4  # unknown (0): on
+def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
+    """`load_model` for cfg, refusing before any weight is read, in one line naming what would
+    fit, a run that cannot fit the device's memory (training.memory.choose)."""
+
+    def check(meta: nn.Module) -> None:
+        micro = micro_batch_size(cfg, device, meta)
+        est = memory.estimate(meta, cfg, default_dtype(device), micro)
+        memory.choose(est, memory.device_budget(device), cfg.grad_checkpointing, cfg.cache_weights)
+
+    return load_model(cfg.model, quant=cfg.quant, device=device, before_weights=check)
 
 
 class _StopFlag:
@@ -154,16 +157,25 @@ def training_setup(
 ) -> Iterator[None]:
     """What a run changes on the model for its duration, undone after: training's faster
     forwards (models.patches), gradient checkpointing where activations would not fit, and the
-    base dequantized once where that copy fits (quant.linear.use_weight_cache). The bench
-    scripts run under it too, so that they measure what `train` runs."""
+    base dequantized once where that copy fits (both as training.memory.choose decides, the
+    base already loaded). The bench scripts run under it too, so that they measure what
+    `train` runs."""
+    quant = "nf4" if any(isinstance(m, NF4Linear) for m in model.modules()) else "none"
+    est = memory.estimate(empty_model(model.config), cfg, dtype, micro, quant)
+    checkpointing, cache = memory.choose(
+        replace(est, base=0),
+        memory.device_budget(device),
+        cfg.grad_checkpointing,
+        cfg.cache_weights,
+    )
     with ExitStack() as stack:
         stack.enter_context(training_patches(model, packed_attention))
-        if use_grad_checkpointing(cfg.grad_checkpointing, model, micro * cfg.seq_len):
+        if checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
             stack.callback(model.gradient_checkpointing_disable)
-        if use_weight_cache(model, dtype, device, cfg.cache_weights, training=True):
+        if cache:
             stack.enter_context(dequantized_weights(model, dtype))
         yield
 
@@ -324,7 +336,7 @@ def train(
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tokenizer, source = load_model(cfg.model, quant=cfg.quant, device=device)
+        model, tokenizer, source = load_for_training(cfg, device)
         base_name = source.name
     check_fits_model(cfg, model, tokenizer)
     base_name = base_name or cfg.model

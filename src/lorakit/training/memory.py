@@ -1,0 +1,121 @@
+"""The memory a training run needs, estimated from the model's shapes (a model on meta will do):
+what `--grad-checkpointing auto` and `--cache-weights auto` decide on, and the one-line
+refusal, before the weights load, when the run cannot fit the device, naming what would."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora.targets import NF4_BITS, linear_modules, lora_param_count, resolve_targets
+from lorakit.quant.linear import free_memory
+from lorakit.training.config import TrainConfig
+
+GiB = 2**30
+# Bytes a transformer layer keeps for backward per token and hidden unit in 16 bits, attention
+# scores left out (Korthikanti et al., "Reducing Activation Recomputation", 2022: 34 s b h).
+ACTIVATION_BYTES = 34
+ADAPTER_BYTES = 16  # a LoRA parameter: fp32 weight, gradient and AdamW's two moments
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes, each part of a training run's peak."""
+
+    base: int  # the base as stored: NF4 linear layers (or not, quant="none"), the rest as is
+    cache: int  # the quantized layers dequantized to the compute dtype (the weight cache)
+    adapter: int  # the LoRA parameters with their gradients and optimizer state
+    activations: int  # what one micro-batch keeps for backward without checkpointing
+    checkpointed: int  # the same with checkpointing: each layer's input, one layer's whole
+    loss: int  # a chunk of logits in fp32 and its gradient
+
+    def total(self, checkpointing: bool, cache: bool) -> int:
+        kept = self.checkpointed if checkpointing else self.activations
+        return self.base + self.adapter + kept + self.loss + (self.cache if cache else 0)
+
+
+def estimate(
+    model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, micro: int, quant: str | None = None
+) -> MemoryEstimate:
+    """The estimate for training `model` (its weights on meta: `models.loading.empty_model`) as
+    `cfg` says, `micro` sequences a pass, the base stored as `quant` (default cfg.quant)."""
+    quant = quant or cfg.quant
+    tokens = micro * cfg.seq_len
+    size = torch.empty(0, dtype=dtype).element_size()
+    total = sum(p.numel() for p in model.parameters())
+    layers = linear_modules(model).values()
+    linear = sum(m.weight.numel() for m in layers)
+    # NF4: the codes and block scales, plus each layer's 256-entry table of the scales' code
+    stored = int(linear * NF4_BITS / 8) + 1024 * len(layers) if quant == "nf4" else linear * size
+    base = stored + (total - linear) * size
+    selected, _ = resolve_targets(model, cfg.targets)
+    text = model.config.get_text_config()
+    hidden, layers = text.hidden_size, text.num_hidden_layers
+    per_layer = tokens * hidden * ACTIVATION_BYTES * size // 2
+    return MemoryEstimate(
+        base=base,
+        cache=linear * size if quant == "nf4" else 0,
+        adapter=lora_param_count(model, selected, cfg.rank) * ADAPTER_BYTES,
+        activations=layers * per_layer,
+        checkpointed=layers * tokens * hidden * size + per_layer,
+        loss=2 * min(cfg.loss_chunk, tokens) * text.vocab_size * 4,
+    )
+
+
+def device_budget(device: torch.device) -> int:
+    """Bytes a run may use on the device: its free memory, within the process's share of a GPU
+    (`torch.cuda.set_per_process_memory_fraction`) where one is set."""
+    free = free_memory(device)
+    if device.type == "cuda":
+        getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        fraction = getter(device) if getter is not None else 1.0
+        total = torch.cuda.get_device_properties(device).total_memory
+        free = min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+    return max(free, 0)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def choose(
+    est: MemoryEstimate, budget: int, grad_checkpointing: str, cache_weights: str
+) -> tuple[bool, bool]:
+    """(checkpointing, cache) for the settings given (auto, on, off) and `budget` bytes, the base
+    not loaded yet. auto: checkpointing when the activations would take over a quarter of what
+    the rest leaves (they grow with the batch, everything else does not); the cache when it
+    takes under an eighth of the budget and still fits. Raises LorakitError, naming what fits,
+    when a setting that was asked for, or the leanest run, does not fit."""
+    where = f"the {_gib(budget)} free"
+    lean = est.total(checkpointing=True, cache=False)
+    if lean > budget:
+        raise LorakitError(
+            f"this run needs at least {_gib(lean)} (base {_gib(est.base)}, activations with "
+            f"checkpointing {_gib(est.checkpointed)}) and {where} are not enough; use a smaller "
+            "--micro-batch or --seq-len, or a smaller model"
+        )
+    rest = budget - est.total(checkpointing=True, cache=False) + est.checkpointed
+    if grad_checkpointing == "auto":
+        checkpointing = est.activations > rest / 4 or est.total(False, False) > budget
+    else:
+        checkpointing = grad_checkpointing == "on"
+        if not checkpointing and est.total(False, False) > budget:
+            raise LorakitError(
+                f"--grad-checkpointing off needs about {_gib(est.total(False, False))} and {where}"
+                f" are not enough; use --grad-checkpointing on (about {_gib(lean)})"
+                " or a smaller --micro-batch"
+            )
+    with_cache = est.total(checkpointing, cache=True)
+    if cache_weights == "auto":
+        cache = est.cache > 0 and est.cache < budget / 8 and with_cache <= budget
+    else:
+        cache = cache_weights == "on"
+        if cache and with_cache > budget:
+            raise LorakitError(
+                f"--cache-weights on needs about {_gib(with_cache)} and {where} are not enough;"
+                f" use --cache-weights off (about {_gib(est.total(checkpointing, False))})"
+            )
+    return checkpointing, cache

@@ -1,0 +1,113 @@
+"""The training memory estimate, the auto settings it decides, and the refusal before loading."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lorakit.cli import main
+from lorakit.errors import LorakitError
+from lorakit.models.loading import load_model
+from lorakit.quant.linear import dequantized_bytes
+from lorakit.training import memory
+from lorakit.training.config import TrainConfig
+from lorakit.training.trainer import attach_adapter
+
+MiB = 2**20
+
+
+def test_weights_and_adapter_are_what_the_loaded_model_holds(tiny_model_dir):
+    cfg = TrainConfig(model=str(tiny_model_dir), quant="none", rank=4, targets="all-linear")
+    full, _, _ = load_model(tiny_model_dir, quant="none", dtype=torch.float32)
+    est = memory.estimate(full, cfg, torch.float32, micro=1)
+    assert est.base == sum(p.nbytes for p in full.parameters()) and est.cache == 0
+    nf4_model, _, _ = load_model(tiny_model_dir, quant="nf4", dtype=torch.float32)
+    held = sum(t.nbytes for t in [*nf4_model.parameters(), *nf4_model.buffers()])
+    nf4 = memory.estimate(full, cfg, torch.float32, micro=1, quant="nf4")
+    assert nf4.base == pytest.approx(held, rel=0.05)
+    assert nf4.cache == dequantized_bytes(nf4_model, torch.float32)
+    attach_adapter(full, cfg)
+    trainable = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    assert est.adapter == trainable * (4 + 4 + 8)  # weight, gradient, AdamW's two moments
+
+
+def test_activations_grow_with_the_micro_batch_and_checkpointing_keeps_a_sliver():
+    model = tiny_model("llama", num_hidden_layers=8)
+    cfg = TrainConfig(seq_len=64)
+    one, four = (memory.estimate(model, cfg, torch.float32, micro=m) for m in (1, 4))
+    assert four.activations == 4 * one.activations
+    assert one.checkpointed < one.activations / 4
+    assert four.base == one.base and four.adapter == one.adapter
+    half = memory.estimate(model, cfg, torch.bfloat16, micro=1)
+    assert half.activations == one.activations // 2
+
+
+def test_activation_estimate_is_near_what_autograd_keeps():
+    """Bytes of the tensors autograd saves for backward in one fp32 training pass of a LLaMA
+    with a typical shape ratio (MLP 2.7x hidden), against the estimate: within a factor 2."""
+    model = tiny_model("llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = TrainConfig(seq_len=128, targets="default", rank=4)
+    est = memory.estimate(model, cfg, torch.float32, micro=1)
+    attach_adapter(model, cfg)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(0, 400, (1, cfg.seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = model.model(ids).last_hidden_state
+    hidden.sum().backward()
+    kept = sum(saved.values())
+    print(f"autograd kept {kept / MiB:.2f} MiB, estimate {est.activations / MiB:.2f} MiB")
+    assert est.activations / 2 < kept < est.activations * 2
+
+
+def _est(**parts):
+    zero = {f.name: 0 for f in dataclasses.fields(memory.MemoryEstimate)}
+    return memory.MemoryEstimate(**{**zero, **parts})
+
+
+def test_auto_settings_follow_the_budget():
+    est = _est(base=100, cache=400, adapter=10, activations=1000, checkpointed=50, loss=20)
+    assert memory.choose(est, 100_000, "auto", "auto") == (False, True)  # room for all
+    assert memory.choose(est, 3_000, "auto", "auto") == (True, False)  # 1000 > (3000-180)/4
+    assert memory.choose(est, 3_000, "off", "auto") == (False, False)  # asked for, and fits
+    assert memory.choose(est, 3_000, "on", "on") == (True, True)
+
+
+@pytest.mark.parametrize(
+    ("budget", "settings", "says"),
+    [
+        (150, ("auto", "auto"), "needs at least 0.0 GiB"),
+        (1_000, ("off", "auto"), "use --grad-checkpointing on"),
+        (500, ("on", "on"), "use --cache-weights off"),
+    ],
+)
+def test_settings_that_cannot_fit_are_refused_naming_the_fix(budget, settings, says):
+    est = _est(base=100, cache=400, adapter=10, activations=1000, checkpointed=50, loss=20)
+    with pytest.raises(LorakitError, match=says.replace(".", r"\.")):
+        memory.choose(est, budget, *settings)
+
+
+def test_train_refuses_before_reading_a_weight(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from lorakit.models import loading
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("weights were read before the memory check")
+
+    monkeypatch.setattr(memory, "device_budget", lambda device: 1 * MiB)
+    monkeypatch.setattr(loading, "_iter_safetensors", no_reading)
+    argv = ["train", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--steps", "1"]
+    assert main([*argv, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least" in err[0] and "--micro-batch" in err[0]
+    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
