@@ -24,6 +24,8 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
+from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
@@ -32,6 +34,8 @@ args = json.loads(sys.argv[1])
 from lorakit.training import data as D
 device = torch.device(args["device"])
 cuda = device.type == "cuda"
+if cuda and args["memory_fraction"]:  # emulate a smaller card (a 16 GB T4: 15 GiB usable)
+    torch.cuda.set_per_process_memory_fraction(args["memory_fraction"])
 # Both sides compute in one dtype: bf16 where the hardware has it (what lorakit train picks),
 # else fp32 (emulated bf16 on a CPU without it is slower for both)
 from lorakit.models.precision import default_dtype
@@ -44,7 +48,7 @@ def examples(tok):
 
 def report(tokens, seconds, losses, eval_loss):
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    print(json.dumps({"tokens_per_s": tokens / seconds, "peak_rss_mb":
+    print(json.dumps({"tokens_per_s": tokens / seconds, "load_s": load_s, "peak_rss_mb":
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_gpu_mb": peak_gpu,
         "losses": losses, "eval_loss": eval_loss, "dtype": str(dtype).split(".")[-1]}))
 
@@ -59,9 +63,13 @@ if args["side"] == "lorakit":
     from lorakit.training.loss import evaluate
     from lorakit.training.trainer import (TrainConfig, attach_adapter, micro_batch_size,
                                           train_step, training_setup)
+    t_load = time.perf_counter()
     model, tok, _ = load_model(args["lorakit_model"], device=device)
+    sync()
+    load_s = time.perf_counter() - t_load
     cfg = TrainConfig(rank=16, alpha=32, lr=2e-4, seq_len=seq_len, batch_size=per_step,
-                      cache_weights=args["lorakit_cache"])
+                      cache_weights=args["lorakit_cache"],
+                      grad_checkpointing=args["lorakit_checkpointing"])
     attach_adapter(model, cfg)
     micro = args["lorakit_micro"] or micro_batch_size(cfg, device, model)
     # as lorakit train does: its forwards, its weight cache rule
@@ -100,8 +108,14 @@ else:
     tok = AutoTokenizer.from_pretrained(args["hf_dir"])
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    t_load = time.perf_counter()
     base = AutoModelForCausalLM.from_pretrained(args["hf_dir"], quantization_config=bnb,
                                                 dtype=dtype, device_map={"": device})
+    sync()
+    load_s = time.perf_counter() - t_load
+    if args["baseline_checkpointing"]:  # the QLoRA recipe on a GPU
+        from peft import prepare_model_for_kbit_training
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
     train_ex, eval_ex = examples(tok)
@@ -153,6 +167,39 @@ else:
 """
 
 
+class GpuPeak:
+    """The highest memory.used nvidia-smi reports (MB) while the block runs, polled every
+    0.2 s; None without a GPU or nvidia-smi."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.peak, self._stop = enabled, None, threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                used = max(float(x) for x in out.split())
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self.peak = max(self.peak or 0.0, used)
+
+    def __enter__(self) -> GpuPeak:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run")
@@ -173,6 +220,23 @@ def main() -> None:
     )
     p.add_argument(
         "--lorakit-cache", default="auto", choices=["auto", "on", "off"], help="--cache-weights"
+    )
+    p.add_argument(
+        "--lorakit-checkpointing",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="--grad-checkpointing",
+    )
+    p.add_argument(
+        "--baseline-checkpointing",
+        action="store_true",
+        help="baseline: prepare_model_for_kbit_training with gradient checkpointing",
+    )
+    p.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.0,
+        help="CUDA: set_per_process_memory_fraction in each side (emulate a smaller card)",
     )
     p.add_argument(
         "--model", default="smollm2", help="the model both sides train (alias, .gguf or HF dir)"
@@ -196,9 +260,16 @@ def main() -> None:
     from lorakit.errors import LorakitError
     from lorakit.models.loading import load_model
 
-    hf_dir = tempfile.mkdtemp()
+    if (Path(args.model) / "config.json").is_file() and not args.random_1b:
+        hf_dir = args.model  # a transformers directory both sides read as it is (an 8B: no copy)
+    else:
+        hf_dir = tempfile.mkdtemp()
     try:
-        full, tok, _ = load_model(args.model, quant="none", dtype=torch.float32)
+        full, tok, _ = (
+            (None, None, None)
+            if hf_dir == args.model
+            else load_model(args.model, quant="none", dtype=torch.float32)
+        )
     except LorakitError as err:
         p.error(str(err))
     if args.random_1b:  # LLaMA architecture at ~1.1B (TinyLlama's shape), random weights
@@ -225,9 +296,10 @@ def main() -> None:
             for p in full.parameters():
                 p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
         print(f"random LLaMA: {sum(p.numel() for p in full.parameters()) / 1e9:.2f}B parameters")
-    full.save_pretrained(hf_dir)
-    tok.save_pretrained(hf_dir)
-    del full
+    if full is not None:
+        full.save_pretrained(hf_dir)
+        tok.save_pretrained(hf_dir)
+        del full
     settings = {
         "steps": args.steps,
         "warmup": args.warmup,
@@ -236,6 +308,9 @@ def main() -> None:
         "micro": args.micro,
         "lorakit_micro": args.lorakit_micro,
         "lorakit_cache": args.lorakit_cache,
+        "lorakit_checkpointing": args.lorakit_checkpointing,
+        "baseline_checkpointing": args.baseline_checkpointing,
+        "memory_fraction": args.memory_fraction,
         "packed_attention": not args.no_packed_attention,
         "hf_dir": hf_dir,
         "lorakit_model": hf_dir if args.random_1b else args.model,
@@ -247,13 +322,14 @@ def main() -> None:
     for _ in range(args.rounds):
         for side in args.sides.split(","):
             child = json.dumps({**settings, "side": side})
-            run = subprocess.run(
-                [sys.executable, "-c", CHILD, child], capture_output=True, text=True
-            )
+            with GpuPeak(args.device == "cuda") as smi:
+                run = subprocess.run(
+                    [sys.executable, "-c", CHILD, child], capture_output=True, text=True
+                )
             if run.returncode != 0:
                 sys.exit(f"{side} run failed:\n{run.stderr[-3000:]}")
             out = run.stdout
-            results[side].append(json.loads(out.strip().splitlines()[-1]))
+            results[side].append({**json.loads(out.strip().splitlines()[-1]), "smi_mb": smi.peak})
     best = {s: max(r, key=lambda x: x["tokens_per_s"]) for s, r in results.items() if r}
     for side, r in best.items():
         print(side, json.dumps(r))
@@ -281,11 +357,19 @@ def main() -> None:
         f"| peak RSS (MB) | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x |"
     )
+    print(
+        f"| load (s) | {a['load_s']:.1f} | {b['load_s']:.1f} | {a['load_s'] / b['load_s']:.2f}x |"
+    )
     if args.device == "cuda":
         print(
             f"| peak GPU memory allocated (MB) | {a['peak_gpu_mb']:.0f} | {b['peak_gpu_mb']:.0f} "
             f"| {a['peak_gpu_mb'] / b['peak_gpu_mb']:.2f}x |"
         )
+        if a["smi_mb"] and b["smi_mb"]:
+            print(
+                f"| nvidia-smi peak (MB) | {a['smi_mb']:.0f} | {b['smi_mb']:.0f} "
+                f"| {a['smi_mb'] / b['smi_mb']:.2f}x |"
+            )
     if a["eval_loss"] is None:
         return
     print(
