@@ -12,7 +12,7 @@
    recomputes them in backward, so counting them would credit work the model does not need. MFU
    is thus a lower bound; the rate with everything counted is printed beside it.
 3. Decode ceiling: one pass over every weight matrix at batch 1 and 8, the NF4 layers once as
-   a bf16 copy and once through the 4-bit kernel (kernels/nf4_matmul.py), the output head in bf16:
+   a copy in the compute dtype and once through the 4-bit kernel (kernels/nf4_matmul.py):
    the least a decoded token costs, with no other work.
 
     python bench/mfu.py                # 4 timed steps of 4 x 512 tokens after 1 warm-up
@@ -67,15 +67,23 @@ def main() -> None:
         "down 512x1536x576": (512, i, h),
         "head chunk 1024x576x49152": (1024, h, c.vocab_size),
     }
-    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
-    print("| shape (M x K x N) | fp32 GFLOP/s | bf16 GFLOP/s | bf16 / fp32 |")
-    print("|---|---|---|---|")
-    peaks = {torch.float32: 0.0, torch.bfloat16: 0.0}
+    print(
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"lorakit computes in {dtype}\n"
+    )
+    # bf16 only where the CPU computes it (default_dtype): emulated, it runs at ~1 GFLOP/s and
+    # would take many minutes to measure for nothing.
+    dtypes = [torch.float32] + ([torch.bfloat16] if dtype == torch.bfloat16 else [])
+    names = " | ".join(f"{str(d).split('.')[-1]} GFLOP/s" for d in dtypes)
+    print(f"| shape (M x K x N) | {names} |" + (" bf16 / fp32 |" if len(dtypes) > 1 else ""))
+    print("|---|" + "---|" * (len(dtypes) + (len(dtypes) > 1)))
+    peaks = dict.fromkeys(dtypes, 0.0)
     for name, (m, k, n) in shapes.items():
-        r32, r16 = matmul_rate(m, k, n, torch.float32), matmul_rate(m, k, n, torch.bfloat16)
-        peaks[torch.float32] = max(peaks[torch.float32], r32)
-        peaks[torch.bfloat16] = max(peaks[torch.bfloat16], r16)
-        print(f"| {name} | {r32:.0f} | {r16:.0f} | {r16 / r32:.2f} |")
+        rates = [matmul_rate(m, k, n, d) for d in dtypes]
+        for d, r in zip(dtypes, rates, strict=True):
+            peaks[d] = max(peaks[d], r)
+        ratio = f" {rates[1] / rates[0]:.2f} |" if len(rates) > 1 else ""
+        print(f"| {name} | " + " | ".join(f"{r:.0f}" for r in rates) + " |" + ratio)
 
     # Decoding reads every weight once per token: the fastest the model can decode here, with
     # the NF4 layers dequantized to bf16 once, or read from their 4-bit codes by the kernel.
@@ -85,18 +93,20 @@ def main() -> None:
     print("\n| decode ceiling: every weight matrix once | batch | ms | tokens/s at most |")
     print("|---|---|---|---|")
     nf4 = [m for m in model.modules() if hasattr(m, "packed")]
-    head = model.get_output_embeddings().weight.to(torch.bfloat16)
-    copies = [m.dequantized_weight(torch.bfloat16) for m in nf4]
-    ways = {"NF4 layers as a bf16 copy": [(w.shape[1], lambda x, w=w: x @ w.T) for w in copies]}
+    head = model.get_output_embeddings().weight.to(dtype)
+    copies = [m.dequantized_weight(dtype) for m in nf4]
+    ways = {
+        "NF4 layers as a dequantized copy": [(w.shape[1], lambda x, w=w: x @ w.T) for w in copies]
+    }
     if library() is not None:
         kernels = [KernelWeight(m.state) for m in nf4]
         ways["NF4 layers by the 4-bit kernel"] = [
-            (k.shape[1], lambda x, k=k: k(x, torch.bfloat16)) for k in kernels
+            (k.shape[1], lambda x, k=k: k(x, dtype)) for k in kernels
         ]
     for way, calls in ways.items():
-        calls = [*calls, (head.shape[1], lambda x: x @ head.T)]  # the head stays bf16
+        calls = [*calls, (head.shape[1], lambda x: x @ head.T)]
         for batch in (1, 8):
-            xs = {n: torch.randn(batch, n, dtype=torch.bfloat16) for n, _ in calls}
+            xs = {n: torch.randn(batch, n, dtype=dtype) for n, _ in calls}
             best = float("inf")
             for _ in range(5):
                 t = time.perf_counter()
