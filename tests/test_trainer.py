@@ -160,7 +160,7 @@ def test_micro_batches_give_the_same_gradients_as_whole_batches(data_file, tiny_
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_auto_micro_batch_gives_small_models_about_pass_tokens_on_cpu():
+def test_auto_micro_batch_gives_small_models_about_pass_tokens_on_a_bf16_cpu():
     from types import SimpleNamespace
 
     from transformers import LlamaConfig
@@ -169,8 +169,9 @@ def test_auto_micro_batch_gives_small_models_about_pass_tokens_on_cpu():
     large = SimpleNamespace(config=LlamaConfig(hidden_size=2048))
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
 
-    def micro(model, device=cpu, **kw):
-        return T.micro_batch_size(T.TrainConfig(**{"batch_size": 16, **kw}), device, model)
+    def micro(model, device=cpu, dtype=torch.bfloat16, **kw):
+        cfg = T.TrainConfig(**{"batch_size": 16, **kw})
+        return T.micro_batch_size(cfg, device, model, dtype)
 
     assert micro(small, seq_len=T.PASS_TOKENS // 2) == 2
     assert micro(small, seq_len=T.PASS_TOKENS // 8) == 8
@@ -179,6 +180,8 @@ def test_auto_micro_batch_gives_small_models_about_pass_tokens_on_cpu():
     assert micro(large, seq_len=T.PASS_TOKENS // 2) == 1
     assert micro(large, gpu) == 16
     assert micro(small, micro_batch=3) == 3
+    assert micro(small, dtype=torch.float32, seq_len=T.PASS_TOKENS // 8) == 1  # fp32: one
+    assert micro(small, dtype=torch.float32, micro_batch=3) == 3
 
 
 def test_out_dir_holding_a_run_is_refused(tmp_path, data_file, tiny_tokenizer):

@@ -74,17 +74,23 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 PASS_TOKENS = 2048
 
 
-def micro_batch_size(cfg: TrainConfig, device: torch.device, model: nn.Module) -> int:
+def micro_batch_size(
+    cfg: TrainConfig, device: torch.device, model: nn.Module, dtype: torch.dtype | None = None
+) -> int:
     """Sequences per forward/backward pass. Splitting a batch gives the same gradients (the
     loss is normalised over the whole step) and keeps activations small. Auto: the whole batch
-    on a GPU; on CPU about PASS_TOKENS tokens for a small model (hidden size under 1024), whose
-    512-token passes are bound by per-operation overhead, else one sequence: a larger model's
-    matmuls run at full speed with one sequence, and its activations are big."""
+    on a GPU; on a CPU computing in 16 bits (`dtype`, default the device's), about PASS_TOKENS
+    tokens for a small model (hidden size under 1024), whose 512-token passes are bound by
+    per-operation overhead; else one sequence: a larger model's matmuls run at full speed with
+    one, and in fp32 (a CPU without BF16) activations take twice the memory for little speed
+    (SmolLM2, 16 x 512 tokens a step: 4 sequences a pass 79 tokens/s at 5.2 GB peak, 2 55 at
+    3.4 GB, 1 68 at 2.3 GB; BENCHMARKS.md)."""
     if cfg.micro_batch:
         return min(cfg.micro_batch, cfg.batch_size)
     if device.type != "cpu":
         return cfg.batch_size
-    if model.config.get_text_config().hidden_size >= 1024:
+    dtype = dtype or default_dtype(device)
+    if model.config.get_text_config().hidden_size >= 1024 or dtype == torch.float32:
         return 1
     return max(1, min(cfg.batch_size, PASS_TOKENS // cfg.seq_len))
 
