@@ -10,6 +10,7 @@ caller asks for this backend (kernels/nf4_backend.py), and CPU users never need 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -37,6 +38,12 @@ def supports(state: NF4State, dtype: torch.dtype) -> bool:
     )
 
 
+@functools.cache
+def _code(device: torch.device) -> Tensor:
+    """NF4_CODE on `device`, copied there once (read-only)."""
+    return torch.tensor(NF4_CODE, dtype=torch.float32).to(device)
+
+
 def quant_state(state: NF4State, dtype: torch.dtype | None = None):  # noqa: ANN201
     """bitsandbytes' QuantState for our state (the same tensors); `dtype` is the dtype its
     dequantization gives (default: the state's own)."""
@@ -54,13 +61,15 @@ def quant_state(state: NF4State, dtype: torch.dtype | None = None):  # noqa: ANN
     return QuantState(
         absmax=state.absmax,
         shape=state.shape,
-        code=torch.tensor(NF4_CODE, dtype=torch.float32, device=device),
+        code=_code(device),
         blocksize=state.blocksize,
         quant_type="nf4",
         dtype=dtype or state.dtype,
+        # torch.full, not torch.tensor: a fill kernel, where a copy from the host would wait
+        # for the GPU on every call.
         offset=None
         if nested is None
-        else torch.tensor(state.offset, dtype=torch.float32, device=device),
+        else torch.full((), state.offset, dtype=torch.float32, device=device),
         state2=nested,
     )
 

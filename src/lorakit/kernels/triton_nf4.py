@@ -20,6 +20,7 @@ with TRITON_INTERPRET=1, and on a GPU where there is one). What that takes:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -161,8 +162,11 @@ def _quantize_kernel(
     tl.store(absmax_ptr + block, tl.where(last, clamped, absmax), mask=block < n_blocks)
 
 
+@functools.cache
 def constants(device: torch.device) -> tuple[Tensor, Tensor]:
-    """NF4_CODE and its 15 rounding midpoints (the reference's, bit for bit) on `device`."""
+    """NF4_CODE and its 15 rounding midpoints (the reference's, bit for bit) on `device`; made
+    once per device (a copy to the GPU per call would cost more than a small layer's kernel).
+    Read-only."""
     code = torch.tensor(NF4_CODE, dtype=torch.float32)
     return code.to(device), ((code[:-1] + code[1:]) / 2).to(device)
 
