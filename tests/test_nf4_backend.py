@@ -2,26 +2,22 @@
 NF4Linear gives the PyTorch reference's outputs and gradients through each one.
 
 The fused backends run here on CPU tensors when forced (LORAKIT_NF4_BACKEND): Triton under its
-interpreter (TRITON_INTERPRET=1, set before the kernels are imported), bitsandbytes through its
+interpreter (TRITON_INTERPRET=1, which conftest.py sets), bitsandbytes through its
 CPU kernels. On a CUDA machine the same tests run on the GPU, where `auto` picks them.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from lorakit.errors import LorakitError  # noqa: E402
-from lorakit.kernels import bnb_nf4, nf4_backend  # noqa: E402
-from lorakit.kernels.nf4_backend import ENV, FusedWeight, backend  # noqa: E402
-from lorakit.quant.linear import NF4Linear  # noqa: E402
-from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
+from lorakit.errors import LorakitError
+from lorakit.kernels import bnb_nf4, nf4_backend
+from lorakit.kernels.nf4_backend import ENV, FusedWeight, backend
+from lorakit.quant.linear import NF4Linear
+from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = importlib.util.find_spec("triton") is not None

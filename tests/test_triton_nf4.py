@@ -2,24 +2,20 @@
 PyTorch reference (quant.nf4) bit for bit, and the 4-bit matmul equals dequantize + matmul.
 
 On a CUDA machine they run the compiled kernels on the GPU; elsewhere the same kernels on CPU
-tensors in Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels are imported).
+tensors in Triton's interpreter (TRITON_INTERPRET=1, which conftest.py sets before triton loads).
 Shapes stay small: the interpreter runs each program in NumPy.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
-from lorakit.kernels import triton_nf4  # noqa: E402
-from lorakit.kernels import triton_nf4_matmul as tmm  # noqa: E402
-from lorakit.quant.nf4 import NF4_CODE, dequantize_nf4, quantize_nf4  # noqa: E402
+from lorakit.kernels import triton_nf4
+from lorakit.kernels import triton_nf4_matmul as tmm
+from lorakit.quant.nf4 import NF4_CODE, dequantize_nf4, quantize_nf4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
