@@ -35,7 +35,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, log all, keep the tables (line
 
 step env 30 bash -c 'nvidia-smi -L; nproc; which cc gcc; python3 -c "import torch, transformers, peft, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"'
 step model 60 python3 bench/random_model.py "$CONFIG" "$MODEL"
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nf4.py tests/test_linear.py tests/test_lean.py tests/test_decoder.py
+step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nf4.py tests/test_linear.py tests/test_lean.py tests/test_decoder.py tests/test_triton_nf4.py tests/test_bnb_nf4.py tests/test_nf4_backend.py
 step train 120 python3 bench/train_throughput.py --model "$MODEL" --device cuda --micro 16 --steps 30 --warmup 3
 step cuda-losses 60 python3 bench/train_throughput.py --model "$MODEL" --device cuda --sides lorakit --steps 3 --warmup 0
 step cpu-losses 120 python3 bench/train_throughput.py --model "$MODEL" --device cpu --sides lorakit --steps 3 --warmup 0
