@@ -47,7 +47,7 @@ step() {  # step NAME SECONDS COMMAND...: run it, log all, keep the tables (line
 step env 30 bash -c 'nvidia-smi -L; nproc; which cc gcc; python3 -c "import torch, transformers, peft, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name())"; python3 -c "import triton; print(\"triton\", triton.__version__)"'
 step model-small 60 python3 bench/random_model.py "$CONFIG" "$SMALL"
 step model-8b 120 python3 bench/random_model.py "$CONFIG" "$BIG" --shape llama3-8b --device cuda
-step tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nf4.py tests/test_linear.py tests/test_triton_nf4.py tests/test_bnb_nf4.py tests/test_lean.py tests/test_decoder.py tests/test_memory.py
+step tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_nf4.py tests/test_linear.py tests/test_triton_nf4.py tests/test_bnb_nf4.py tests/test_nf4_backend.py tests/test_lean.py tests/test_decoder.py tests/test_memory.py
 step nf4 45 python3 bench/nf4_vs_bnb.py --model "$SMALL" --device cuda
 T8B=(python3 bench/train_throughput.py --model "$BIG" --device cuda --per-step 4 --micro 4 --steps 3 --warmup 2 --lorakit-cache off)
 step train-8b 150 "${T8B[@]}" --baseline-checkpointing

@@ -1,20 +1,126 @@
-"""NF4 quantization: lorakit vs bitsandbytes on CPU, side by side in one run.
+"""NF4 quantization: lorakit vs bitsandbytes, side by side in one run; and each of lorakit's
+NF4 backends (kernels/nf4_backend.py: the PyTorch chain, Triton, bitsandbytes) on its own.
 
 For every linear layer of the model (the default: SmolLM2-135M-Instruct, 210 layers) it
 quantizes and dequantizes the weight with both libraries (blocksize 64, double quantization)
 and reports total time, round-trip error and bits per parameter; plus the round-trip error on
 N(0, 1) data. Timings alternate A B A B over `--repeats` rounds; the best round counts.
 
+The backend table times `nf4_backend.quantize` and `nf4_backend.dequantize` (to bf16) over all
+layers with LORAKIT_NF4_BACKEND set to each backend that runs on the device (after one warm-up
+round: Triton compiles at first call), checks that each gives the PyTorch chain's bytes and
+values, and prints the memory bandwidth achieved: bytes read + written / time (dequantize: the
+4-bit state in, bf16 out; quantize: the weights in, the 4-bit state out), and its share of the
+GPU's peak where the GPU is in PEAK_BANDWIDTH; for the model's layers, then for one large
+matrix (a Llama-3-8B MLP weight on CUDA), where launch costs no longer count. Triton runs on
+CUDA only here (its CPU interpreter is for tests). On CPU, bitsandbytes' quantize is not
+identical where its native kernel rounds the 8-bit scale codes differently (tests/test_nf4.py).
+
     python bench/nf4_vs_bnb.py
-    python bench/nf4_vs_bnb.py --device cuda   # both libraries on the GPU
+    python bench/nf4_vs_bnb.py --device cuda   # both libraries, and every backend, on the GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import time
 
 import torch
+
+# Memory bandwidth (bytes/s) from the vendors' data sheets, by a part of torch's device name.
+PEAK_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,  # SXM
+    "A100-SXM4-80GB": 2.039e12,
+    "A100 80GB PCIe": 1.935e12,
+    "A100": 1.555e12,  # 40 GB
+    "L40S": 864e9,
+    "L4": 300e9,
+    "A10G": 600e9,
+    "A10": 600e9,
+    "T4": 320e9,
+    "V100": 900e9,
+    "RTX 4090": 1008e9,
+    "RTX 3090": 936e9,
+}
+
+
+def peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def backend_table(
+    label: str, weights: list[torch.Tensor], device: torch.device, repeats: int
+) -> None:
+    """Each NF4 backend's quantize and dequantize of `weights`: time, bandwidth, identity."""
+    from lorakit.kernels import nf4_backend
+    from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    names = ["torch"]
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        names.append("triton")
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        names.append("bnb")
+    reference = [quantize_nf4(w) for w in weights]
+    expected = [dequantize_nf4(s, torch.bfloat16) for s in reference]
+    state_bytes = sum(s.nbytes for s in reference)
+    numel = sum(w.numel() for w in weights)
+    moved = {  # bytes read + written
+        "quantize": numel * weights[0].element_size() + state_bytes,
+        "dequantize": state_bytes + numel * 2,
+    }
+    peak = peak_bandwidth(device)
+    print(f"\nNF4 backends on {device.type}, {label} ({numel / 1e6:.1f}M), best of {repeats}:\n")
+    print("| backend | op | ms | GB/s | share of peak | identical to the PyTorch chain |")
+    print("|---|---|---|---|---|---|")
+    saved = os.environ.get(nf4_backend.ENV)
+    try:
+        for name in names:
+            os.environ[nf4_backend.ENV] = name
+            best = {"quantize": 1e9, "dequantize": 1e9}
+            for _ in range(repeats + 1):  # the first round warms up (Triton compiles)
+                t = now()
+                states = [nf4_backend.quantize(w) for w in weights]
+                t1 = now()
+                out = [nf4_backend.dequantize(s, torch.bfloat16) for s in reference]
+                t2 = now()
+                best = {
+                    "quantize": min(best["quantize"], t1 - t),
+                    "dequantize": min(best["dequantize"], t2 - t1),
+                }
+            same = {
+                "quantize": all(
+                    torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax)
+                    for a, b in zip(states, reference, strict=True)
+                ),
+                "dequantize": all(torch.equal(a, b) for a, b in zip(out, expected, strict=True)),
+            }
+            for op in ("quantize", "dequantize"):
+                rate = moved[op] / best[op]
+                share = f"{rate / peak:.0%}" if peak else ""
+                print(
+                    f"| {name} | {op} | {best[op] * 1e3:.2f} | {rate / 1e9:.3g} | {share} | "
+                    f"{'yes' if same[op] else 'NO'} |"
+                )
+    finally:
+        if saved is None:
+            os.environ.pop(nf4_backend.ENV, None)
+        else:
+            os.environ[nf4_backend.ENV] = saved
+    if peak is None and device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        print(f"\n(the peak bandwidth of {name} is not in PEAK_BANDWIDTH)")
 
 
 def main() -> None:
@@ -119,6 +225,11 @@ def main() -> None:
         print(f"| {what} | {a:.6g} | {b:.6g} | {a / b:.5f} |")
     print(f"| bits per parameter (double quant) | {bits:.4f} | | |")
     print(f"\ndequantized values identical to bitsandbytes': {same:.4%}")
+    backend_table(f"{len(weights)} linear layers", weights, device, args.repeats)
+    # One large weight: launch costs vanish, the bandwidth is the kernel's own.
+    shape = (14336, 4096) if device.type == "cuda" else (4096, 4096)
+    big = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    backend_table(f"one {shape} bf16 matrix", [big], device, args.repeats)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (tests/test_triton_nf4.py,
+# test_nf4_backend.py). Triton must see TRITON_INTERPRET=1 before it is first imported, and
+# torch._dynamo and bitsandbytes import it: so it is set here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A ChatML template like SmolLM2's (without its default system prompt).
 CHATML_TEMPLATE = (

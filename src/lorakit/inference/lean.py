@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lorakit.inference.kv_cache import KVCache
 from lorakit.kernels.attention import decode_attention
-from lorakit.kernels.nf4_matmul import KernelGroup
+from lorakit.kernels.nf4_matmul import KernelGroup, KernelWeight
 from lorakit.kernels.rms_norm import rms_norm
 from lorakit.kernels.rotary import rope_cache
 from lorakit.quant.linear import KERNEL_ROWS, KernelCall
@@ -72,7 +72,9 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
     calls = [
         (m.decode_call() if decoding and hasattr(m, "decode_call") else None) or m for m in modules
     ]
-    if len(calls) == 1 or not all(isinstance(c, KernelCall) for c in calls):
+    if len(calls) == 1 or not all(
+        isinstance(c, KernelCall) and isinstance(c.kernel, KernelWeight) for c in calls
+    ):  # one call for several weights: the compiled CPU kernel's; the GPU's go one by one
         return lambda x: [c(x) for c in calls]
     group = KernelGroup([(c.kernel, c.lora) for c in calls])
     layer, biases = calls[0].layer, [c.bias for c in calls]

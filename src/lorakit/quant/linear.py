@@ -9,7 +9,10 @@ What is in here:
 - ``dequantized_weights``: dequantize each weight once for a whole generation or training
   run instead of per token / per pass, when memory allows.
 - Without that cache, a no-grad call of a few rows (a decoding step) multiplies straight from
-  the 4-bit codes with the compiled kernel of kernels/nf4_matmul.py where it runs.
+  the 4-bit codes with the compiled kernel of kernels/nf4_matmul.py where it runs (CPU), or the
+  fused backend's (kernels/nf4_backend.py: Triton or bitsandbytes on CUDA).
+- On CUDA, quantizing, dequantizing and those matmuls run as fused kernels
+  (kernels/nf4_backend.py); every backend gives quant/nf4.py's values bit for bit.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lorakit.kernels import nf4_backend
+from lorakit.kernels.nf4_backend import FusedWeight
 from lorakit.kernels.nf4_matmul import KernelWeight, LoRA, nf4_matmul_reference, supports
-from lorakit.quant.nf4 import NF4State, dequantize_nf4, quantize_nf4
+from lorakit.quant.nf4 import NF4State, dequantize_nf4
 
 # Most rows (tokens) a no-grad call sends to the compiled 4-bit kernel (kernels/nf4_matmul.py)
 # rather than dequantizing the weight (compiled too) and one bf16 matmul: decoding steps and short
@@ -54,7 +59,7 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.state, ctx.x_dtype, ctx.cached = state, x.dtype, cached
         # Autocast must not re-cast what we already put in the compute dtype.
         with torch.autocast(x.device.type, enabled=False):
-            weight = cached if cached is not None else dequantize_nf4(state, dtype)
+            weight = cached if cached is not None else nf4_backend.dequantize(state, dtype)
             return F.linear(x.to(dtype), weight)
 
     @staticmethod
@@ -73,7 +78,7 @@ class _NF4Matmul(torch.autograd.Function):
             absmax_code=absmax_code,
         )
         with torch.autocast(grad_out.device.type, enabled=False):
-            weight = dequantize_nf4(state, grad_out.dtype)  # (out, in)
+            weight = nf4_backend.dequantize(state, grad_out.dtype)  # (out, in)
             grad_x = grad_out @ weight  # (..., out) @ (out, in) -> (..., in)
         return grad_x.to(ctx.x_dtype), None, None, None
 
@@ -112,9 +117,10 @@ class NF4Linear(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
     ) -> NF4Linear:
-        """Quantize a (out, in) weight (on its own device) into a new NF4Linear."""
+        """Quantize a (out, in) weight (on its own device: a fused kernel on CUDA) into a new
+        NF4Linear."""
         _check_2d(weight.shape)
-        return cls(quantize_nf4(weight, blocksize, double_quant), bias)
+        return cls(nf4_backend.quantize(weight, blocksize, double_quant), bias)
 
     @classmethod
     def from_linear(
@@ -142,7 +148,7 @@ class NF4Linear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (out, in) weight in ``dtype`` (default: the dtype it was quantized from); from
         the compiled kernel where it runs (CPU, float32 or bf16: 10x+ faster than PyTorch's
-        gathers, the same values), else from dequantize_nf4."""
+        gathers, the same values) or the fused backend (CUDA), else from dequantize_nf4."""
         dtype = dtype or self.weight_dtype
         kernel = self._kernel(self.packed.device)
         if kernel is not None and (weight := kernel.dequantize(dtype)) is not None:
@@ -193,15 +199,20 @@ class NF4Linear(nn.Module):
             return None
         return KernelCall(self, kernel, lora, self.bias if bias else None)
 
-    def _kernel(self, device: torch.device) -> KernelWeight | None:
-        """The compiled kernel's prepared call for this weight, or None where it cannot run;
-        prepared again if the buffers moved (`.to(device)`)."""
-        key = (device, self.packed.data_ptr())
+    def _kernel(self, device: torch.device) -> KernelWeight | FusedWeight | None:
+        """The prepared call for this weight: the fused backend's (CUDA, or forced by
+        LORAKIT_NF4_BACKEND), else the compiled CPU kernel's, or None where neither runs;
+        prepared again if the buffers moved (`.to(device)`) or the backend changed."""
+        name = nf4_backend.backend(device)
+        key = (device, self.packed.data_ptr(), name)
         cached = self.__dict__.get("_kernel_weight")
         if cached is None or cached[0] != key:
             state = self.state
-            usable = supports(state, device)
-            cached = (key, KernelWeight(state) if usable else None)
+            if name != "torch":
+                kernel = FusedWeight(state, name)
+            else:
+                kernel = KernelWeight(state) if supports(state, device) else None
+            cached = (key, kernel)
             self.__dict__["_kernel_weight"] = cached
         return cached[1]
 
@@ -220,7 +231,7 @@ class KernelCall:
     projections reading the same input can be run as one `kernels.nf4_matmul.KernelGroup`."""
 
     layer: NF4Linear
-    kernel: KernelWeight
+    kernel: KernelWeight | FusedWeight
     lora: LoRA | None
     bias: Tensor | None
 
@@ -233,9 +244,11 @@ class KernelCall:
 
 
 def decodes_from_codes(model: nn.Module, device: torch.device) -> bool:
-    """Whether every NF4 layer of the model can decode with the compiled 4-bit kernel."""
+    """Whether every NF4 layer of the model can decode with the compiled CPU 4-bit kernel.
+    (Not the GPU's fused kernels: whether they beat a bf16 copy is not measured yet, so on
+    CUDA the weight cache rule stays "when it fits".)"""
     layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
-    return bool(layers) and all(m._kernel(device) is not None for m in layers)
+    return bool(layers) and all(isinstance(m._kernel(device), KernelWeight) for m in layers)
 
 
 def free_memory(device: torch.device) -> int:

@@ -4,7 +4,7 @@ What is in here:
 - ``NF4_CODE``: the 16 NF4 values (QLoRA, Dettmers et al. 2023), exactly bitsandbytes' table.
 - ``dynamic_code()``: the 256-value signed 8-bit dynamic code used for double quantization.
 - ``NF4State``: a frozen dataclass holding everything needed to dequantize one tensor.
-- ``quantize_nf4`` / ``dequantize_nf4``.
+- ``quantize_nf4`` / ``dequantize_nf4``; ``double_quantize`` (the scales' 8-bit step alone).
 
 Layout (same as ``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``): the tensor
 is flattened, cut into blocks of ``blocksize`` (the last block may be shorter), each block is
@@ -160,6 +160,17 @@ def _unscale_blocks_(values: Tensor, scales: Tensor, blocksize: int) -> Tensor:
     return values
 
 
+def check_quantizable(weight: Tensor, blocksize: int) -> None:
+    """Raise ValueError for what no NF4 quantizer takes: not floating point, empty, an odd or
+    non-positive block size."""
+    if not weight.is_floating_point():
+        raise ValueError(f"quantize_nf4 needs a floating-point tensor, got {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError("quantize_nf4 got an empty tensor")
+    if blocksize <= 0 or blocksize % 2:
+        raise ValueError(f"blocksize must be a positive even number (e.g. 64), got {blocksize}")
+
+
 def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
     """Quantize a float tensor (any shape, any device) to NF4 in bitsandbytes' layout.
 
@@ -168,13 +179,8 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
     documented difference (bitsandbytes' native CPU kernel for the 8-bit double quantization
     approximates nearest rounding; we round exactly to nearest, like its CUDA kernel).
     """
-    if not weight.is_floating_point():
-        raise ValueError(f"quantize_nf4 needs a floating-point tensor, got {weight.dtype}")
-    if weight.numel() == 0:
-        raise ValueError("quantize_nf4 got an empty tensor")
-    if blocksize <= 0 or blocksize % 2:
-        raise ValueError(f"blocksize must be a positive even number (e.g. 64), got {blocksize}")
-    nf4_bounds, dyn_bounds, _ = _tables(weight.device)
+    check_quantizable(weight, blocksize)
+    nf4_bounds, _, _ = _tables(weight.device)
     flat = weight.detach().reshape(-1)
     n = flat.numel()
     step = max(1, _CHUNK // blocksize) * blocksize  # whole blocks per chunk, so an even count
@@ -187,10 +193,15 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
         packed.append((codes[0::2] << 4) | codes[1::2])
         absmax.append(chunk_absmax)
     state = NF4State(torch.cat(packed), torch.cat(absmax), weight.shape, weight.dtype, blocksize)
-    if not double_quant:
-        return state
-    # Double quantization (QLoRA section 3): the float32 scales cost 0.5 bit/parameter at
-    # blocksize 64; centring them and storing 8-bit codes brings that down to ~0.127.
+    return double_quantize(state) if double_quant else state
+
+
+def double_quantize(state: NF4State) -> NF4State:
+    """The same state with its float32 block scales double-quantized (QLoRA section 3): they
+    cost 0.5 bit/parameter at blocksize 64; centring them and storing 8-bit codes brings that
+    down to ~0.127. Shared by every quantizer (the fused GPU kernels make the 4-bit codes and
+    the float32 scales, then call this), so the 8-bit codes are the same whoever made the rest."""
+    _, dyn_bounds, _ = _tables(state.absmax.device)
     offset = state.absmax.mean()
     scaled, absmax_scale = _scale_blocks(state.absmax - offset, state.blocksize2)
     codes = torch.bucketize(scaled, dyn_bounds, out_int32=True).to(torch.uint8)
@@ -199,7 +210,7 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
         absmax=codes,
         offset=offset.item(),
         absmax_scale=absmax_scale,
-        absmax_code=dynamic_code().to(weight.device, copy=True),
+        absmax_code=dynamic_code().to(state.absmax.device, copy=True),
     )
 
 
