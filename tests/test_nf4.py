@@ -10,9 +10,9 @@ import torch
 from torch.distributions import Normal
 
 import lorakit.quant.nf4 as nf4
+from lorakit.kernels.bnb_nf4 import from_quant_state
 from lorakit.quant.nf4 import (
     NF4_CODE,
-    NF4State,
     block_absmax,
     dequantize_nf4,
     dynamic_code,
@@ -220,25 +220,6 @@ def bnb_quantize(weight: torch.Tensor, double_quant: bool):
     )
 
 
-def state_from_bnb(packed: torch.Tensor, qs) -> NF4State:
-    """Our NF4State for a bitsandbytes (packed, QuantState) pair: the same tensors, relabelled.
-
-    bitsandbytes keeps packed as (n_bytes, 1) and the double-quant offset as a 0-d tensor.
-    """
-    nested = qs.state2 is not None
-    return NF4State(
-        packed=packed.view(torch.uint8).reshape(-1),
-        absmax=qs.absmax,
-        shape=qs.shape,
-        dtype=qs.dtype,
-        blocksize=qs.blocksize,
-        offset=qs.offset.item() if nested else None,
-        absmax_scale=qs.state2.absmax if nested else None,
-        absmax_code=qs.state2.code if nested else None,
-        blocksize2=qs.state2.blocksize if nested else 256,
-    )
-
-
 @pytest.mark.oracle
 def test_code_tables_equal_bitsandbytes():
     bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -256,7 +237,7 @@ def test_dequantize_bnb_output_exactly(shape, dtype, double_quant):
     bnbf = pytest.importorskip("bitsandbytes.functional")
     packed, qs = bnb_quantize(randn(shape, dtype), double_quant)
     expected = bnbf.dequantize_4bit(packed, qs)
-    ours = dequantize_nf4(state_from_bnb(packed, qs))
+    ours = dequantize_nf4(from_quant_state(packed, qs))
     assert ours.dtype == expected.dtype
     # bitsandbytes' CPU kernel returns (1, n) for a 1-D shape; compare the values.
     assert torch.equal(ours, expected.reshape(shape))
@@ -314,7 +295,7 @@ def test_double_quant_equals_bnb(shape, dtype):
     # Their code is never worse than nearest by more than one grid step (in absmax units).
     scale = ours.absmax_scale.repeat_interleave(256)[: plain_absmax.numel()]
     ours_err = (block_absmax(ours) - plain_absmax).abs()
-    theirs_err = (block_absmax(state_from_bnb(packed, qs)) - plain_absmax).abs()
+    theirs_err = (block_absmax(from_quant_state(packed, qs)) - plain_absmax).abs()
     assert torch.all(theirs_err <= ours_err + (2 / 65535) * scale * (1 + 1e-4) + 1e-6)
 
 
