@@ -46,10 +46,10 @@ def estimate(
     tokens = micro * cfg.seq_len
     size = torch.empty(0, dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters())
-    layers = linear_modules(model).values()
-    linear = sum(m.weight.numel() for m in layers)
+    linears = linear_modules(model).values()
+    linear = sum(m.weight.numel() for m in linears)
     # NF4: the codes and block scales, plus each layer's 256-entry table of the scales' code
-    stored = int(linear * NF4_BITS / 8) + 1024 * len(layers) if quant == "nf4" else linear * size
+    stored = int(linear * NF4_BITS / 8) + 1024 * len(linears) if quant == "nf4" else linear * size
     base = stored + (total - linear) * size
     selected, _ = resolve_targets(model, cfg.targets)
     text = model.config.get_text_config()
@@ -97,14 +97,15 @@ def choose(
             f"checkpointing {_gib(est.checkpointed)}) and {where} are not enough; use a smaller "
             "--micro-batch or --seq-len, or a smaller model"
         )
-    rest = budget - est.total(checkpointing=True, cache=False) + est.checkpointed
+    rest = budget - lean + est.checkpointed  # what the activations may take
+    full = est.total(checkpointing=False, cache=False)
     if grad_checkpointing == "auto":
-        checkpointing = est.activations > rest / 4 or est.total(False, False) > budget
+        checkpointing = est.activations > rest / 4 or full > budget
     else:
         checkpointing = grad_checkpointing == "on"
-        if not checkpointing and est.total(False, False) > budget:
+        if not checkpointing and full > budget:
             raise LorakitError(
-                f"--grad-checkpointing off needs about {_gib(est.total(False, False))} and {where}"
+                f"--grad-checkpointing off needs about {_gib(full)} and {where}"
                 f" are not enough; use --grad-checkpointing on (about {_gib(lean)})"
                 " or a smaller --micro-batch"
             )
