@@ -16,6 +16,7 @@ FLOORS = {
     "lorakit.quant.nf4": 1,
     "lorakit.kernels": 2,
     "lorakit.quant.linear": 3,
+    "lorakit.quant.experts": 3,
     "lorakit.lora": 4,
     "lorakit.models": 5,
     "lorakit.training": 6,

@@ -12,7 +12,8 @@ from lorakit.lora.layer import set_active_adapters
 from lorakit.models.loading import context_length
 from lorakit.models.precision import default_dtype
 from lorakit.training import data as D
-from lorakit.training.loss import CHUNK, dataset_batches, evaluate
+from lorakit.training.loss import CHUNK, evaluate
+from lorakit.training.packing import dataset_batches, keeps_examples_apart
 
 DEFAULT_SEQ_LEN = 512
 
@@ -35,7 +36,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"use --seq-len {limit} or less"
         )
     dtype = default_dtype(model.device)
-    batches = dataset_batches(examples, tokenizer, seq_len, args.batch_size, dtype)
+    packed = keeps_examples_apart(model, model.device, dtype)
+    batches = dataset_batches(examples, tokenizer, seq_len, args.batch_size, dtype, packed)
     rows = []
     for name in [None, *names]:
         set_active_adapters(model, [name] if name else [])

@@ -16,9 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import math
 import os
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +29,9 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import _set_submodule, is_conv1d
 from lorakit.lora.targets import linear_modules
+from lorakit.models import checkpoint
 from lorakit.models.precision import default_dtype
+from lorakit.quant.experts import NF4Experts
 from lorakit.quant.linear import NF4Linear
 
 DEFAULT_MODEL = "smollm2"
@@ -106,7 +106,24 @@ def load_config(source: ModelSource):
             return CONFIG_MAPPING[config["model_type"]].from_dict(config)
         return AutoConfig.from_pretrained(source.path)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise LorakitError(f"cannot read the model config of {source.path}: {e}") from None
+        model_type = _declared_model_type(source.path / "config.json")
+        if model_type is not None and model_type not in CONFIG_MAPPING:
+            import transformers
+
+            raise LorakitError(
+                f"{source.path / 'config.json'}: model type {model_type!r} is unknown to "
+                f"transformers {transformers.__version__}; a newer transformers may know it "
+                "(pip install -U transformers)"
+            ) from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LorakitError(f"cannot read the model config of {source.path}: {first}") from None
+
+
+def _declared_model_type(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_tokenizer(source: ModelSource):
@@ -150,6 +167,11 @@ def empty_model(config) -> nn.Module:
         with _parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config)
     except ValueError as e:
+        if getattr(config, "is_encoder_decoder", False):
+            raise LorakitError(
+                f"{config.model_type!r} is an encoder-decoder model; lorakit fine-tunes causal "
+                "(decoder-only) language models such as LLaMA, Qwen, Mistral or GPT-2"
+            ) from None
         first = str(e).strip().splitlines()[0]
         raise LorakitError(
             f"unsupported architecture {config.model_type!r}: transformers has no causal LM for "
@@ -159,75 +181,8 @@ def empty_model(config) -> nn.Module:
     return model.eval()
 
 
-# safetensors' dtype names -> torch dtypes (https://github.com/huggingface/safetensors).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-def _read_safetensors(
-    file: Path, wanted: Callable[[str], str | None]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for each tensor of `file` that `wanted(key)` names, in file order.
-
-    Plain reads, not safetensors' memory map: pages of a mapped file stay resident until the
-    file is closed, so mapping a 2.3 GB checkpoint made the load peak 2 GB higher than the
-    NF4 model it builds. The format is an 8-byte little-endian header length, a JSON header
-    {key: {dtype, shape, data_offsets}}, then the tensors' bytes.
-    """
-    with open(file, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
-            entries = sorted(
-                (int(v["data_offsets"][0]), int(v["data_offsets"][1]), k, v["dtype"], v["shape"])
-                for k, v in header.items()
-            )
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise LorakitError(f"{file} is not a valid safetensors file ({e})") from None
-        for start, end, key, dtype_name, shape in entries:
-            name = wanted(key)
-            if name is None:
-                continue
-            dtype = _SAFETENSORS_DTYPES.get(dtype_name)
-            if dtype is None:
-                raise LorakitError(f"{file}: tensor {key} has unsupported dtype {dtype_name}")
-            nbytes = math.prod(shape) * dtype.itemsize
-            if start < 0 or end - start != nbytes or 8 + length + end > size:
-                raise LorakitError(
-                    f"{file} is truncated or corrupt (tensor {key}); download it again"
-                )
-            data = torch.empty(nbytes, dtype=torch.uint8)
-            f.seek(8 + length + start)
-            if f.readinto(data.numpy()) != nbytes:
-                raise LorakitError(f"{file} is truncated (tensor {key}); download it again")
-            yield name, data.view(dtype).reshape(shape)
-
-
-def _iter_safetensors(source: ModelSource, names: set[str], prefix: str) -> Iterator:
-    def wanted(key: str) -> str | None:
-        name = key if key in names else f"{prefix}.{key}"
-        if name not in names and key.startswith(prefix + "."):
-            name = key[len(prefix) + 1 :]
-        return name if name in names else None
-
-    for file in sorted(source.path.glob("*.safetensors")):
-        yield from _read_safetensors(file, wanted)
+def _iter_safetensors(source: ModelSource, model: nn.Module) -> Iterator:
+    return checkpoint.tensors(source.path, model)
 
 
 def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
@@ -279,6 +234,10 @@ def _put_tensor(
         quantized.fan_in_fan_out = is_conv1d(module)  # so adapters record what PEFT will see
         _set_submodule(model, module_name, quantized)
         return
+    if quantize and tensor.dim() == 3 and is_experts(module) and attr in module._parameters:
+        del module._parameters[attr]  # one NF4 state per expert takes the parameter's place
+        setattr(module, attr, NF4Experts.from_weight(tensor, dtype, blocksize))
+        return
     # Always a copy: GGUF's float32 tensors arrive as views of its memory-mapped file, and a
     # view kept in the model (an embedding, a norm) would keep the whole file mapped, and
     # resident, for as long as the model lives.
@@ -287,6 +246,22 @@ def _put_tensor(
         module._buffers[attr] = tensor
     else:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts layer's experts, fused in (experts, out, in) parameters (transformers'
+    classes are named *Experts)."""
+    return type(module).__name__.endswith("Experts")
+
+
+def _eager_experts(model: nn.Module) -> None:
+    """NF4Experts serve the eager experts forward (one expert's slice at a time), not the
+    grouped matmuls over the whole 3-D parameter."""
+    if any(isinstance(m, NF4Experts) for m in model.modules()):
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_experts_implementation"):
+                config._experts_implementation = "eager"
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -344,16 +319,15 @@ def load_model(
     model = empty_model(config)
     if before_weights is not None:
         before_weights(model)
-    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
-    names |= {n for n, _ in model.named_buffers()}
     quantize = quantizable_modules(model) if quant == "nf4" else set()
     if source.kind == "gguf":
         tensors = _iter_gguf(source, model)
     else:
-        tensors = _iter_safetensors(source, names, model.base_model_prefix)
+        tensors = _iter_safetensors(source, model)
     for name, tensor in tensors:
         _put_tensor(model, name, tensor.to(device), dtype, quantize, blocksize)
     model.tie_weights()
+    _eager_experts(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise LorakitError(

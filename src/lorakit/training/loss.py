@@ -135,8 +135,8 @@ def _plain_chunk_loss(hidden, weight, labels, chunk: int, softcap: float) -> tor
     return total
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK):
-    """(sum of token losses, number of labelled tokens) without full fp32 logits."""
+def last_hidden_state(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The base model's output (B, T, C) for a collated batch (packed or one example a row)."""
     extra = {}
     if "seq_ids" in batch and attends_by_example(model, batch["seq_ids"].device):
         extra["segments"] = segments_of(batch["seq_ids"])  # attend example by example
@@ -147,7 +147,12 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int 
         use_cache=False,
         **extra,
     )
-    hidden = out.last_hidden_state[:, :-1]  # (B, T-1, C): position t predicts token t+1
+    return out.last_hidden_state
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int = CHUNK):
+    """(sum of token losses, number of labelled tokens) without full fp32 logits."""
+    hidden = last_hidden_state(model, batch)[:, :-1]  # (B, T-1, C): t predicts token t+1
     labels = batch["labels"][:, 1:]
     keep = labels != -100
     hidden, labels = hidden[keep], labels[keep]  # (n, C), (n,) only tokens that carry loss
@@ -178,15 +183,3 @@ def evaluate(model: nn.Module, batches: list[dict], device, dtype, chunk: int) -
             total, count = total + loss_sum.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
-
-
-def dataset_batches(examples: list[dict], tokenizer, seq_len: int, batch_size: int, dtype) -> list:
-    """Examples -> packed, collated batches (the same packing as training)."""
-    from lorakit.training import data as D
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = D.pack_sequences([D.tokenize_example(e, tokenizer) for e in examples], seq_len)
-    return [
-        D.collate(rows[i : i + batch_size], dtype, pad_id=pad or 0, pad_multiple=D.ROW_MULTIPLE)
-        for i in range(0, len(rows), batch_size)
-    ]

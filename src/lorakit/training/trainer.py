@@ -39,6 +39,7 @@ from lorakit.training import data as D
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig, check_fits_model, to_json, validate
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
+from lorakit.training.packing import keeps_examples_apart, unpacked
 from lorakit.training.rundir import (
     Metrics,
     TrainResult,
@@ -355,13 +356,14 @@ def train(
     pad = pad_id(tokenizer)
     out = prepare_out_dir(cfg)
 
+    packed = True  # decided by packing.keeps_examples_apart once the model is set up
+
     def collate(rows: list) -> dict:
-        b = D.collate(rows, dtype, pad_id=pad, pad_multiple=D.ROW_MULTIPLE)
+        how = D.collate if packed else unpacked
+        b = how(rows, dtype, pad_id=pad, pad_multiple=D.ROW_MULTIPLE)
         b["real_tokens"] = torch.tensor(sum(len(r.input_ids) for r in rows))  # excl. padding
         return b
 
-    eval_rows, size = eval_set[: cfg.eval_max_sequences], cfg.batch_size
-    evals = [collate(eval_rows[i : i + size]) for i in range(0, len(eval_rows), size)]
     start, resume_lines = 0, None
     if cfg.resume:
         meta = load_checkpoint(out / "checkpoint", model, optimizer)
@@ -370,8 +372,16 @@ def train(
         atomic_write_text(out / "train_config.json", to_json(cfg))
     metrics = Metrics(out / "metrics.jsonl", resume_lines)
     micro = micro_batch_size(cfg, device, model)
-    run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
     with training_setup(model, cfg, device, dtype, micro):
+        packed = keeps_examples_apart(model, device, dtype)
+        if not packed:
+            print(
+                f"note: {model.config.model_type} does not keep packed examples apart; "
+                "training one example per row (padded), which is slower"
+            )
+        eval_rows, size = eval_set[: cfg.eval_max_sequences], cfg.batch_size
+        evals = [collate(eval_rows[i : i + size]) for i in range(0, len(eval_rows), size)]
+        run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
         if start == 0:
             run.evaluate(0)
         model.train()
