@@ -21,6 +21,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import LoRALinear, is_linear_like, layer_features
+from lorakit.quant.experts import expert_weights, is_experts
 
 # Attention projections per `config.model_type` (names as in transformers' modeling files).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -66,6 +67,37 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 
 
+# Architectures (config.model_type) that tests/test_architectures.py takes end to end: a model
+# saved by transformers -> inspect -> QLoRA training -> the adapter in PEFT with the same logits
+# -> generation. Others get the same code paths, untested.
+TESTED_ARCHITECTURES = (
+    "bloom",
+    "codegen",
+    "cohere",
+    "falcon",
+    "gemma2",
+    "gemma3_text",
+    "gpt2",
+    "gpt_bigcode",
+    "gpt_neox",
+    "gptj",
+    "granite",
+    "llama",
+    "mistral",
+    "mixtral",
+    "olmo2",
+    "olmoe",
+    "opt",
+    "phi",
+    "phi3",
+    "qwen2",
+    "qwen2_moe",
+    "qwen3",
+    "stablelm",
+    "starcoder2",
+)
+
+
 def _matches(module_name: str, target: str) -> bool:
     return module_name == target or module_name.endswith("." + target)
 
@@ -83,6 +115,16 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
         if wrapped or (is_linear_like(module) and module is not head and not inside):
             found[name] = module
     return found
+
+
+def experts_weights(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Full name (`...experts.gate_up_proj`) -> (experts, out, in) of every fused expert weight."""
+    return {
+        f"{name}.{w}": shape
+        for name, module in model.named_modules()
+        if is_experts(module)
+        for w, shape in expert_weights(module).items()
+    }
 
 
 def role(module_name: str) -> str:
@@ -153,6 +195,12 @@ def resolve_targets(model: nn.Module, spec: str | Sequence[str] | None) -> tuple
         selected, peft_targets = [], sorted(set(spec))
         for target in spec:
             hits = [n for n in candidates if _matches(n, target)]
+            if not hits and any(_matches(n, target) for n in experts_weights(model)):
+                raise LorakitError(
+                    f"target {target!r} is a mixture-of-experts weight (experts x out x in), "
+                    "not a linear layer: lorakit does not train adapters on experts yet; "
+                    "target the attention projections (default) or other linear layers"
+                )
             if not hits:
                 raise LorakitError(
                     f"target {target!r} matches no linear layer; candidates: "
@@ -235,6 +283,10 @@ def _describe(module: nn.Module) -> str:
         return f"{kind}({fin}→{fout}{', bias' if bias else ''})"
     if isinstance(module, nn.Embedding):
         return f"{kind}({module.num_embeddings}, {module.embedding_dim})"
+    if is_experts(module) and (weights := expert_weights(module)):
+        n = next(iter(weights.values()))[0]
+        parts = ", ".join(f"{w} {i}→{o}" for w, (_, o, i) in weights.items())
+        return f"{kind}({n} experts x ({parts}))"
     weight = getattr(module, "weight", None)
     if isinstance(weight, nn.Parameter) and not list(module.children()):
         return f"{kind}({tuple(weight.shape)})"
@@ -277,6 +329,8 @@ def anatomy(model: nn.Module, rank: int = 16, spec: str | None = None) -> dict:
     quantized = sum(
         sum(p.numel() for p in m.parameters(recurse=False)) for m in linear_modules(model).values()
     )
+    experts = experts_weights(model)
+    quantized += sum(e * o * i for e, o, i in experts.values())  # NF4 per expert
     selected, _ = resolve_targets(model, spec)
     lora = lora_param_count(model, selected, rank)
     default_names, reason = default_target_names(model)
@@ -288,6 +342,8 @@ def anatomy(model: nn.Module, rank: int = 16, spec: str | None = None) -> dict:
         "candidates": candidate_dicts(model),
         "default_targets": default_names,
         "default_reason": reason,
+        "tested": getattr(config, "model_type", None) in TESTED_ARCHITECTURES,
+        "experts": sorted({role(n) for n in experts}),
         "adapter": {
             "rank": rank,
             "targets": spec or "default",
@@ -320,6 +376,19 @@ def format_anatomy(report: dict, title: str) -> str:
     out += [
         "",
         f"Default targets: {', '.join(report['default_targets'])} ({report['default_reason']}).",
+        *(
+            [f"Experts ({', '.join(report['experts'])}): stored in NF4 per expert, no adapters."]
+            if report["experts"]
+            else []
+        ),
+        (
+            f"Architecture {report['model_type']}: tested end to end (load, QLoRA training, "
+            "the adapter in PEFT, generation)."
+            if report["tested"]
+            else f"Architecture {report['model_type']}: not in lorakit's tested set ("
+            + ", ".join(TESTED_ARCHITECTURES)
+            + "); it takes the same paths, untested."
+        ),
         f"Adapter at --rank {a['rank']} --targets {a['targets']}: {a['modules']} modules, "
         f"{_human(a['parameters'])} trainable parameters ({a['share_of_model']:.2%} of the model), "
         f"{a['size_mb']:.1f} MB on disk.",

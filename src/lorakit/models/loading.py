@@ -31,7 +31,7 @@ from lorakit.lora.layer import _set_submodule, is_conv1d
 from lorakit.lora.targets import linear_modules
 from lorakit.models import checkpoint
 from lorakit.models.precision import default_dtype
-from lorakit.quant.experts import NF4Experts
+from lorakit.quant.experts import NF4Experts, is_experts
 from lorakit.quant.linear import NF4Linear
 
 DEFAULT_MODEL = "smollm2"
@@ -246,12 +246,6 @@ def _put_tensor(
         module._buffers[attr] = tensor
     else:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
-
-
-def is_experts(module: nn.Module) -> bool:
-    """A mixture-of-experts layer's experts, fused in (experts, out, in) parameters (transformers'
-    classes are named *Experts)."""
-    return type(module).__name__.endswith("Experts")
 
 
 def _eager_experts(model: nn.Module) -> None:

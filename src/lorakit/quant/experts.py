@@ -20,6 +20,23 @@ from lorakit.kernels import nf4_backend
 from lorakit.quant.nf4 import NF4State
 
 
+def is_experts(module: nn.Module) -> bool:
+    """A mixture-of-experts layer's experts fused in (experts, out, in) parameters (transformers
+    names these classes *Experts)."""
+    return type(module).__name__.endswith("Experts")
+
+
+def expert_weights(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """name -> (experts, out, in) of the fused expert weights of an experts module."""
+    out = {}
+    transposed = getattr(module, "is_transposed", False)
+    for name, w in [*module.named_parameters(recurse=False), *module.named_children()]:
+        shape = tuple(w.shape) if hasattr(w, "shape") else ()
+        if len(shape) == 3:
+            out[name] = (shape[0], shape[2], shape[1]) if transposed else shape
+    return out
+
+
 class NF4Experts(nn.Module):
     """(experts, out, in) weights, one NF4 state per expert; `experts[i]` -> (out, in)."""
 
