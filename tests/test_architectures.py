@@ -6,12 +6,10 @@ the adapter loaded by PEFT over the same (dequantized) base gives the same logit
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
 import torch
-from conftest import CHATML_TEMPLATE
 
 from lorakit.cli import main
 from lorakit.inference.generate import generate_ids
@@ -94,13 +92,6 @@ def data_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def tokenizer(_tiny_tokenizer_base):
-    tok = copy.deepcopy(_tiny_tokenizer_base)
-    tok.chat_template = CHATML_TEMPLATE
-    return tok
-
-
 def _reference_over_dequantized_base(path, model):
     """transformers' own load of `path`, carrying exactly lorakit's dequantized NF4 weights."""
     from transformers import AutoModelForCausalLM
@@ -118,10 +109,10 @@ def _reference_over_dequantized_base(path, model):
 
 
 @pytest.mark.parametrize("kind", TESTED_ARCHITECTURES)
-def test_architecture_end_to_end(kind, tmp_path, tokenizer, data_file, capsys):
+def test_architecture_end_to_end(kind, tmp_path, tiny_tokenizer, data_file, capsys):
     peft = pytest.importorskip("peft")
     path = tmp_path / kind
-    _saved(kind, path, tokenizer)
+    _saved(kind, path, tiny_tokenizer)
 
     assert main(["inspect", str(path)]) == 0
     report = capsys.readouterr().out
@@ -165,14 +156,14 @@ def test_architecture_end_to_end(kind, tmp_path, tokenizer, data_file, capsys):
     assert main([*argv, "--max-new-tokens", "4", "--device", "cpu"]) == 0
 
 
-def test_encoder_decoder_is_refused_in_one_line(tmp_path, tokenizer, data_file, capsys):
+def test_encoder_decoder_is_refused_in_one_line(tmp_path, tiny_tokenizer, data_file, capsys):
     from transformers import T5Config, T5ForConditionalGeneration
 
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16
+        vocab_size=len(tiny_tokenizer), d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16
     )
     T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
-    tokenizer.save_pretrained(tmp_path / "t5")
+    tiny_tokenizer.save_pretrained(tmp_path / "t5")
     capsys.readouterr()
     for argv in (
         ["inspect", str(tmp_path / "t5")],
@@ -184,7 +175,7 @@ def test_encoder_decoder_is_refused_in_one_line(tmp_path, tokenizer, data_file, 
     assert not (tmp_path / "o").exists()
 
 
-def test_packing_is_kept_where_the_model_keeps_examples_apart_only(tokenizer):
+def test_packing_is_kept_where_the_model_keeps_examples_apart_only():
     from transformers import AutoModelForCausalLM
 
     from lorakit.training import data as D
@@ -218,20 +209,20 @@ def _run(argv: list[str], capsys) -> str:
     return err[0]
 
 
-def test_broken_checkpoints_are_one_line_naming_file_and_tensor(tmp_path, tokenizer, capsys):
+def test_broken_checkpoints_are_one_line_naming_file_and_tensor(tmp_path, tiny_tokenizer, capsys):
     from transformers import AutoModelForCausalLM
 
-    _saved("llama", tmp_path / "m", tokenizer)
+    _saved("llama", tmp_path / "m", tiny_tokenizer)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
     err = _run(["train", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")], capsys)
     assert "model.safetensors: tensor model.layers.0.mlp.down_proj.weight has shape" in err
 
     sharded = tmp_path / "sharded"
-    AutoModelForCausalLM.from_config(_config("llama", len(tokenizer))).save_pretrained(
+    AutoModelForCausalLM.from_config(_config("llama", len(tiny_tokenizer))).save_pretrained(
         sharded, max_shard_size="20KB"
     )
-    tokenizer.save_pretrained(sharded)
+    tiny_tokenizer.save_pretrained(sharded)
     shards = sorted(sharded.glob("model-*.safetensors"))
     shards[1].unlink()
     err = _run(["train", "--model", str(sharded), "--out", str(tmp_path / "o")], capsys)
