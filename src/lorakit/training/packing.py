@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.models.chat import pad_id
 from lorakit.models.precision import autocast
 from lorakit.training import data as D
 from lorakit.training.loss import last_hidden_state
@@ -80,11 +81,10 @@ def dataset_batches(
 ) -> list:
     """Examples -> collated batches as training makes them: packed rows, or (`packed=False`)
     the same rows one example a row."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = D.pack_sequences([D.tokenize_example(e, tokenizer) for e in examples], seq_len)
     how = D.collate if packed else unpacked
     return [
-        how(rows[i : i + batch_size], dtype, pad_id=pad or 0, pad_multiple=D.ROW_MULTIPLE)
+        how(rows[i : i + batch_size], dtype, pad_id=pad_id(tokenizer), pad_multiple=D.ROW_MULTIPLE)
         for i in range(0, len(rows), batch_size)
     ]
 
