@@ -5,7 +5,8 @@ from conftest import tiny_model
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.targets import anatomy, format_anatomy, module_tree, resolve_targets
+from lorakit.lora.anatomy import anatomy, format_anatomy, module_tree
+from lorakit.lora.targets import resolve_targets
 
 
 def _leafs(names):

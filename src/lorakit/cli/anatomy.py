@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lorakit.lora.targets import anatomy, format_anatomy
+from lorakit.lora.anatomy import anatomy, format_anatomy
 from lorakit.models.loading import empty_model, load_config, resolve_model
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.targets import NF4_BITS, linear_modules, lora_param_count, resolve_targets
+from lorakit.lora.anatomy import NF4_BITS
+from lorakit.lora.targets import linear_modules, lora_param_count, resolve_targets
 from lorakit.quant.linear import free_memory
 from lorakit.training.config import TrainConfig
 
