@@ -103,7 +103,7 @@ def _reference_over_dequantized_base(path, model):
             w = dequantize_nf4(module.state, torch.float32)
             ref.weight.data.copy_(w.T if type(ref).__name__ == "Conv1D" else w)
         elif isinstance(module, NF4Experts):
-            owner, _, attr = name.rpartition(".")
+            owner, _, attr = name.removesuffix(".base_layer").rpartition(".")
             getattr(reference.get_submodule(owner), attr).data.copy_(module.dequantized())
     return reference
 
@@ -232,3 +232,139 @@ def test_broken_checkpoints_are_one_line_naming_file_and_tensor(tmp_path, tiny_t
     err = _run(["train", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o")], capsys)
     assert "config.json: model type 'florp' is unknown to transformers" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "olmoe"])
+def test_adapters_on_experts_train_and_match_peft(
+    kind, tmp_path, tiny_tokenizer, data_file, capsys
+):
+    """all-linear reaches the fused expert weights (rank r per expert, PEFT's target_parameters
+    layout): trained, saved, loaded by PEFT with the same logits; a PEFT-made expert adapter
+    loads here with PEFT's logits; merged into a 16-bit base it changes nothing."""
+    peft = pytest.importorskip("peft")
+    from lorakit.lora.layer import active_adapters, merge_lora, row_adapters
+    from lorakit.lora.peft_format import load_adapter
+
+    path = tmp_path / kind
+    _saved(kind, path, tiny_tokenizer)
+    assert main(["inspect", str(path), "--targets", "all-linear", "--rank", "2"]) == 0
+    report = capsys.readouterr().out
+    assert "gate_up_proj" in report and "x4" in report and "routers stay frozen" in report
+
+    model, tok, _ = load_model(path, quant="nf4", dtype=torch.float32)
+    cfg = TrainConfig(
+        model=str(path),
+        data=str(data_file),
+        out=str(tmp_path / "out"),
+        targets="all-linear",
+        rank=2,
+        steps=2,
+        batch_size=2,
+        seq_len=64,
+        lr=1e-2,
+        save_every=0,
+        device="cpu",
+    )
+    result = T.train(cfg, model, tok, str(path), progress=False)
+    saved = json.loads((result.out / "adapter_config.json").read_text())
+    assert saved["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+    experts = model.get_submodule("model.layers.0.mlp.experts")
+    assert experts.gate_up_proj.lora_B["default"].weight.abs().sum() > 0  # the experts learned
+
+    reference = _reference_over_dequantized_base(path, model)
+    peft_model = peft.PeftModel.from_pretrained(reference, result.out).eval()
+    ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, peft_model(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # a batch whose rows run different adapters: each row its own
+        with active_adapters(model, []):
+            bare = model(ids).logits
+        with row_adapters(model, ["default", None]):
+            mixed = model(ids).logits
+    assert (ours[0] - bare[0]).abs().max() > 1e-3
+    torch.testing.assert_close(mixed, torch.stack([ours[0], bare[1]]), rtol=1e-4, atol=1e-4)
+
+    # An adapter PEFT made on the experts alone loads here with PEFT's logits.
+    reference = _reference_over_dequantized_base(path, model)
+    config = peft.LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False,  # random B: the adapter changes the output
+    )
+    torch.manual_seed(1)
+    theirs_model = peft.get_peft_model(reference, config).eval()
+    theirs_model.save_pretrained(tmp_path / "peft")
+    fresh, _, _ = load_model(path, quant="nf4", dtype=torch.float32)
+    load_adapter(fresh, tmp_path / "peft", "theirs")
+    with torch.no_grad():
+        ours, theirs = fresh(ids).logits, theirs_model(ids).logits
+        base = theirs_model.get_base_model()
+        with theirs_model.disable_adapter():
+            untouched = base(ids).logits
+    assert (theirs - untouched).abs().max() > 1e-2
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    # Merged into a full-precision base, the expert adapter gives the same logits.
+    full, _, _ = load_model(path, quant="none", dtype=torch.float32)
+    load_adapter(full, tmp_path / "peft", "theirs")
+    with torch.no_grad():
+        before = full(ids).logits
+        merge_lora(full, "theirs", unload=True)
+        after = full(ids).logits
+    assert isinstance(
+        full.get_submodule("model.layers.0.mlp.experts").down_proj, torch.nn.Parameter
+    )
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_memory_estimate_counts_experts_in_nf4_and_their_adapters(tmp_path, tiny_tokenizer):
+    from lorakit.training import memory
+
+    _saved("mixtral", tmp_path / "m", tiny_tokenizer)
+    cfg = TrainConfig(model=str(tmp_path / "m"), rank=4, targets="all-linear")
+    full, _, _ = load_model(tmp_path / "m", quant="none", dtype=torch.float32)
+    nf4_model, _, _ = load_model(tmp_path / "m", quant="nf4", dtype=torch.float32)
+    held = sum(t.nbytes for t in [*nf4_model.parameters(), *nf4_model.buffers()])
+    assert memory.estimate(full, cfg, torch.float32, 1, quant="nf4").base == pytest.approx(
+        held, rel=0.05
+    )
+    estimate = memory.estimate(full, cfg, torch.float32, micro=1)
+    T.attach_adapter(full, cfg)
+    trainable = sum(p.numel() for p in full.parameters() if p.requires_grad)
+    assert trainable > 0 and estimate.adapter == trainable * (4 + 4 + 8)
+
+
+def test_expert_adapter_bad_input_is_one_line(tmp_path, tiny_tokenizer, data_file, capsys):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "mixtral"
+    _saved("mixtral", path, tiny_tokenizer)
+    train = ["train", "--model", str(path), "--data", str(data_file), "--seq-len", "64"]
+    cases = [
+        (["--targets", "gate", "--out", str(tmp_path / "a")], "is a mixture-of-experts router"),
+        (
+            ["--targets", "all-linear", "--dropout", "0.1", "--out", str(tmp_path / "b")],
+            "cannot apply to mixture-of-experts weights",
+        ),
+    ]
+    capsys.readouterr()
+    for argv, says in cases:
+        assert main([*train, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+    # PEFT can put an adapter on the router's bare weight; lorakit says it does not adapt it.
+    router = peft.LoraConfig(r=2, target_modules=[], target_parameters=["mlp.gate.weight"])
+    peft.get_peft_model(AutoModelForCausalLM.from_pretrained(path), router).save_pretrained(
+        tmp_path / "router"
+    )
+    argv = ["generate", "--model", str(path), "--adapter", str(tmp_path / "router")]
+    capsys.readouterr()
+    assert main([*argv, "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "MixtralTopKRouter, which lorakit does not adapt" in err[0], err

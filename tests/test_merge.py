@@ -8,11 +8,11 @@ from conftest import tiny_model
 
 from lorakit.cli import main
 from lorakit.errors import LorakitError
+from lorakit.lora.combine import combine_adapters
 from lorakit.lora.layer import attach_lora, lora_layers
 from lorakit.lora.library import adapter_library
 from lorakit.lora.peft_format import (
     AdapterConfig,
-    combine_adapters,
     load_adapter,
     save_adapter,
 )

@@ -14,12 +14,12 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from lorakit.errors import LorakitError
+from lorakit.lora.combine import combine_adapters
 from lorakit.lora.layer import LoRALinear, attach_lora, lora_layers
 from lorakit.lora.peft_format import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     AdapterConfig,
-    combine_adapters,
     load_adapter,
     lora_state_dict,
     save_adapter,

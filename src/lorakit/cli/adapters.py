@@ -8,8 +8,8 @@ import math
 
 from lorakit.cli.common import add_model_flags, warn
 from lorakit.errors import LorakitError
+from lorakit.lora.combine import combine_adapters
 from lorakit.lora.library import adapter_library
-from lorakit.lora.peft_format import combine_adapters
 from lorakit.models.loading import resolve_model
 from lorakit.models.merge import merge_into_base
 from lorakit.models.precision import resolve_device

@@ -129,14 +129,19 @@ def format_anatomy(report: dict, title: str) -> str:
     out.append(row("target", "modules", "shape", "base params", "LoRA params", "default"))
     for c in report["candidates"]:
         shape = f"{c['in_features']}→{c['out_features']}"
-        lora = a["rank"] * (c["in_features"] + c["out_features"]) * c["count"]
+        shape += f" x{c['experts']}" if c["experts"] > 1 else ""
+        lora = a["rank"] * (c["in_features"] + c["out_features"]) * c["count"] * c["experts"]
         mark = "yes" if c["default"] else ""
         out.append(row(c["name"], c["count"], shape, _human(c["params"]), _human(lora), mark))
     out += [
         "",
         f"Default targets: {', '.join(report['default_targets'])} ({report['default_reason']}).",
         *(
-            [f"Experts ({', '.join(report['experts'])}): stored in NF4 per expert, no adapters."]
+            [
+                f"Experts ({', '.join(report['experts'])}): stored in NF4 per expert; adapters "
+                "reach them by name or all-linear (rank r for each expert, no dropout); "
+                "routers stay frozen."
+            ]
             if report["experts"]
             else []
         ),

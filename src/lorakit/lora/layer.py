@@ -54,10 +54,12 @@ def check_adapter_name(name: object) -> None:
 class LoRALinear(nn.Module):
     """A frozen base layer plus named LoRA adapters (see the module docstring)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    num_experts = 1  # weights the factors cover, rank rows of A (columns of B) each
+
+    def __init__(self, base_layer: nn.Module, features: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.in_features, self.out_features = layer_features(base_layer)
+        self.in_features, self.out_features = features or layer_features(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
@@ -88,8 +90,9 @@ class LoRALinear(nn.Module):
         like = next(self.base_layer.buffers(), None)
         like = next(self.base_layer.parameters(), like)
         device = like.device if like is not None else None
-        self.lora_A[name] = nn.Linear(self.in_features, rank, bias=False, device=device)
-        self.lora_B[name] = nn.Linear(rank, self.out_features, bias=False, device=device)
+        rows = rank * self.num_experts
+        self.lora_A[name] = nn.Linear(self.in_features, rows, bias=False, device=device)
+        self.lora_B[name] = nn.Linear(rows, self.out_features, bias=False, device=device)
         # PEFT's default init: A ~ kaiming-uniform, B = 0, so a new adapter changes nothing.
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[name].weight)
@@ -98,6 +101,13 @@ class LoRALinear(nn.Module):
         # rsLoRA (Kalajdzievski, 2023) divides by sqrt(rank) so larger ranks keep learning.
         self.scaling[name] = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.active_adapters.append(name)
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].out_features // self.num_experts
+
+    def unwrapped(self) -> nn.Module:
+        """What the model held before this wrapper took its place."""
+        return self.base_layer
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -154,6 +164,9 @@ class LoRALinear(nn.Module):
         """Each batch row gets its own adapter (or none): group rows by adapter, one matmul each."""
         rows = self.row_adapters
         assert rows is not None
+        if x.dim() == 2 and len(rows) < x.shape[0] and x.shape[0] % len(rows) == 0:
+            # the rows' tokens flattened, row by row (a mixture-of-experts block's shared expert)
+            rows = [r for r in rows for _ in range(x.shape[0] // len(rows))]
         if len(rows) != x.shape[0]:
             raise LorakitError(
                 f"row_adapters names {len(rows)} rows but the batch has {x.shape[0]}"
@@ -207,7 +220,7 @@ class LoRALinear(nn.Module):
         self.merged_adapters.remove(name)
 
     def extra_repr(self) -> str:
-        ranks = {n: self.lora_A[n].out_features for n in self.lora_A}
+        ranks = {n: self.rank(n) for n in self.lora_A}
         return f"adapters={ranks}, active={self.active_adapters}"
 
 
@@ -237,16 +250,24 @@ def attach_lora(
     if rank <= 0:
         raise LorakitError(f"LoRA rank must be a positive integer, got {rank}; try --rank 16")
     check_adapter_name(name)
+    from lorakit.lora.experts import wrap_expert_weight  # it builds on this module
+
     for module_name in module_names:
-        module = model.get_submodule(module_name)
-        if not isinstance(module, LoRALinear):
-            if not is_linear_like(module):
-                raise LorakitError(
-                    f"{module_name} is a {type(module).__name__}, not a linear layer; "
-                    "LoRA targets must be linear layers"
-                )
+        owner_name, _, attr = module_name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        module = getattr(owner, attr, None)
+        if isinstance(module, LoRALinear):
+            pass
+        elif (layer := wrap_expert_weight(owner, attr)) is not None:
+            module = layer
+        elif isinstance(module, nn.Module) and is_linear_like(module):
             module = LoRALinear(module)
             _set_submodule(model, module_name, module)
+        else:
+            raise LorakitError(
+                f"{module_name} is a {type(module).__name__}, not a linear layer; "
+                "LoRA targets must be linear layers or mixture-of-experts weights"
+            )
         module.add_adapter(name, rank, alpha, dropout, use_rslora)
     return list(module_names)
 
@@ -341,4 +362,4 @@ def merge_lora(model: nn.Module, name: str, unload: bool = False) -> None:
         if name in layer.lora_A:
             layer.merge(name)
         if unload:
-            _set_submodule(model, module_name, layer.base_layer)
+            _set_submodule(model, module_name, layer.unwrapped())

@@ -38,12 +38,17 @@ def adapter_library(folder: str | os.PathLike, base: str | None = None) -> list[
         weights = path / WEIGHTS_NAME
         steps, eval_loss = _training_metrics(path)
         targets = config.target_modules
+        parameters = sorted(config.target_parameters)  # mixture-of-experts weights
         row = {
             "name": str(path.relative_to(folder)) if path != folder else path.name,
             "path": str(path),
             "base_model": config.base_model,
             "rank": config.rank,
-            "targets": targets if isinstance(targets, str) else ",".join(sorted(targets)),
+            "targets": ",".join(
+                [targets, *parameters]
+                if isinstance(targets, str)
+                else [*sorted(targets), *parameters]
+            ),
             "size_mb": weights.stat().st_size / 1e6 if weights.is_file() else 0.0,
             "steps": steps,
             "eval_loss": eval_loss,

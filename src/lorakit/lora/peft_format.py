@@ -3,6 +3,7 @@
 A directory holds `adapter_config.json` (`peft_type: "LORA"`, `r`, `lora_alpha`,
 `target_modules`, ...) and `adapter_model.safetensors` with keys like
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` (A is (r, in), B is (out, r)).
+Adapters on mixture-of-experts weights are PEFT's `target_parameters` (`lora.experts`).
 What we save loads with `peft.PeftModel.from_pretrained`; what PEFT saves loads here. PEFT
 features we do not implement are refused by name, never silently ignored.
 """
@@ -10,7 +11,6 @@ features we do not implement are refused by name, never silently ignored.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_write, atomic_write_text, check_new_dir, make_dir
+from lorakit.atomic import atomic_write, atomic_write_text, make_dir
 from lorakit.errors import LorakitError
+from lorakit.lora.experts import LoRAExperts, internal_names, peft_names, target_parameter
 from lorakit.lora.layer import (
     LoRALinear,
     attach_lora,
@@ -30,6 +31,7 @@ from lorakit.lora.layer import (
     layer_features,
     lora_layers,
 )
+from lorakit.lora.targets import experts_weights
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -50,6 +52,7 @@ class AdapterConfig:
     fan_in_fan_out: bool = False  # True for GPT-2 Conv1D targets
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: list[str] = field(default_factory=list)  # fused expert weights
 
     def to_peft(self) -> dict:
         targets = self.target_modules
@@ -61,6 +64,7 @@ class AdapterConfig:
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
             "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "target_parameters": sorted(self.target_parameters) or None,
             "fan_in_fan_out": self.fan_in_fan_out,
             "use_rslora": self.use_rslora,
             "bias": "none",
@@ -87,7 +91,6 @@ class AdapterConfig:
             "modules_to_save": "modules_to_save (fully trained extra modules)",
             "layer_replication": "layer_replication",
             "trainable_token_indices": "trainable_token_indices",
-            "target_parameters": "target_parameters",
             "lora_bias": "lora_bias",
             "use_qalora": "QA-LoRA",
             "alora_invocation_tokens": "aLoRA",
@@ -103,6 +106,9 @@ class AdapterConfig:
                 raise LorakitError(
                     f"{where}: the PEFT feature {feature} is not supported by lorakit"
                 )
+        parameters = d.get("target_parameters") or []
+        if not isinstance(parameters, list) or not all(isinstance(t, str) for t in parameters):
+            raise LorakitError(f"{where}: target_parameters must be a list of names")
         if d.get("bias", "none") != "none":
             raise LorakitError(f"{where}: trained biases (bias={d['bias']!r}) are not supported")
         return cls(
@@ -115,6 +121,7 @@ class AdapterConfig:
             fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
             rank_pattern=_patterns(d.get("rank_pattern"), int),
             alpha_pattern=_patterns(d.get("alpha_pattern"), float),
+            target_parameters=parameters,
         )
 
     def alpha_for(self, module_name: str) -> float:
@@ -154,10 +161,12 @@ def _pattern_value(patterns: dict, module_name: str) -> object | None:
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
     """Adapter `name`'s weights under PEFT's key names."""
     out = {}
+    experts = peft_names(model, name)
     for module_name, layer in lora_layers(model):
         if name in layer.lora_A:
-            out[f"{PREFIX}{module_name}.lora_A.weight"] = layer.lora_A[name].weight
-            out[f"{PREFIX}{module_name}.lora_B.weight"] = layer.lora_B[name].weight
+            key = experts.get(module_name, module_name)
+            out[f"{PREFIX}{key}.lora_A.weight"] = layer.lora_A[name].weight
+            out[f"{PREFIX}{key}.lora_B.weight"] = layer.lora_B[name].weight
     return out
 
 
@@ -174,10 +183,11 @@ def save_adapter(
     }
     if not tensors:
         raise LorakitError(f"the model has no adapter named {name!r} to save")
-    for module_name, layer in lora_layers(model):
+    carrying = {n: layer for n, layer in lora_layers(model) if name in layer.lora_A}
+    for module_name, layer in carrying.items():
         # A config that does not describe the weights would save an adapter nothing can load.
-        if name in layer.lora_A and layer.lora_A[name].out_features != config.rank_for(module_name):
-            rank = layer.lora_A[name].out_features
+        if layer.rank(name) != config.rank_for(module_name):
+            rank = layer.rank(name)
             raise LorakitError(
                 f"adapter {name!r} has rank {rank} on {module_name}, but the config says "
                 f"{config.rank_for(module_name)}; save it with AdapterConfig(rank={rank}, ...) "
@@ -185,11 +195,30 @@ def save_adapter(
             )
     config.fan_in_fan_out = any(
         is_conv1d(layer.base_layer) or getattr(layer.base_layer, "fan_in_fan_out", False)
-        for _, layer in lora_layers(model)
-        if name in layer.lora_A
+        for layer in carrying.values()
     )
-    _write_adapter(path, tensors, config)
+    _split_experts(config, carrying)
+    write_adapter(path, tensors, config)
     return path
+
+
+def _split_experts(config: AdapterConfig, carrying: dict[str, LoRALinear]) -> None:
+    """Expert weights go to `target_parameters`; `target_modules` keeps the names that select
+    modules (PEFT refuses a name that selects none)."""
+    experts = [n for n, layer in carrying.items() if isinstance(layer, LoRAExperts)]
+    if not experts:
+        return
+    config.target_parameters = sorted({target_parameter(n) for n in experts})
+    if config.dropout:
+        raise LorakitError(
+            "adapters on mixture-of-experts weights take no dropout (PEFT's rule); save with "
+            "dropout 0"
+        )
+    if not isinstance(config.target_modules, str):
+        linear = [n for n in carrying if n not in experts]
+        config.target_modules = sorted(
+            t for t in config.target_modules if any(n == t or n.endswith("." + t) for n in linear)
+        )
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
@@ -232,16 +261,23 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     return config, weights
 
 
-def _group_weights(
-    weights: dict[str, torch.Tensor], config: AdapterConfig, where: Path
+def group_weights(
+    weights: dict[str, torch.Tensor],
+    config: AdapterConfig,
+    where: Path,
+    renames: dict[str, str] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{module name: {"A": (r, in), "B": (out, r)}}, each pair of the rank its config gives."""
+    """{module name: {"A": (r, in), "B": (out, r)}}, each pair of the rank its config gives.
+    `renames` maps PEFT's names of expert-weight factors to ours (their rank is checked against
+    the model, `_check_target`)."""
+    renames = renames or {}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         match = _KEY.match(key)
         if match is None:
             raise LorakitError(f"{where}: unexpected tensor {key!r} (not a LoRA A/B weight)")
-        modules.setdefault(match.group(1), {})[match.group(2)] = tensor
+        module_name = renames.get(match.group(1), match.group(1))
+        modules.setdefault(module_name, {})[match.group(2)] = tensor
     if not modules:
         raise LorakitError(f"{where}: the adapter holds no LoRA weights")
     for module_name, pair in modules.items():
@@ -254,7 +290,7 @@ def _group_weights(
                 f"{tuple(b.shape)}, not (r, in) and (out, r); the adapter is broken: re-save it"
             )
         expected = config.rank_for(module_name)
-        if a.shape[0] != expected:
+        if a.shape[0] != expected and module_name not in renames.values():
             said = (
                 "r" if _pattern_value(config.rank_pattern, module_name) is None else "rank_pattern"
             )
@@ -270,20 +306,23 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     """Attach the adapter at `path` to `model` as adapter `name` (any rank, any layer subset)."""
     check_adapter_name(name)
     config, weights = read_adapter(path)
-    modules = _group_weights(weights, config, Path(path))
+    renames = internal_names(model, config.target_parameters)
+    modules = group_weights(weights, config, Path(path), renames)
     # Check every module before wrapping any, so an error leaves the model untouched.
+    ranks = {
+        m: _check_target(model, path, config, m, pair["A"], pair["B"], name)
+        for m, pair in modules.items()
+    }
     for module_name, pair in modules.items():
-        _check_target(model, path, config, module_name, pair["A"], pair["B"], name)
-    for module_name, pair in modules.items():
-        a, b = pair["A"], pair["B"]
+        experts = module_name in experts_weights(model)
+        dropout = 0.0 if experts else config.dropout  # PEFT's expert adapters have none
         alpha = config.alpha_for(module_name)
-        attach_lora(
-            model, [module_name], name, a.shape[0], alpha, config.dropout, config.use_rslora
-        )
+        rank = ranks[module_name]
+        attach_lora(model, [module_name], name, rank, alpha, dropout, config.use_rslora)
         layer = model.get_submodule(module_name)
         assert isinstance(layer, LoRALinear)
-        layer.lora_A[name].weight.data.copy_(a)
-        layer.lora_B[name].weight.data.copy_(b)
+        layer.lora_A[name].weight.data.copy_(pair["A"])
+        layer.lora_B[name].weight.data.copy_(pair["B"])
         layer.lora_A[name].requires_grad_(False)
         layer.lora_B[name].requires_grad_(False)
     return config
@@ -297,92 +336,52 @@ def _check_target(
     a: torch.Tensor,
     b: torch.Tensor,
     name: str,
-) -> None:
-    """Refuse a module the model lacks, that has adapter `name`, or that A/B do not fit."""
-    try:
-        module = model.get_submodule(module_name)
-    except AttributeError:
+) -> int:
+    """The rank of the adapter's factors for this module; refuses a module the model lacks,
+    that has adapter `name`, or that A/B do not fit."""
+    module = _find(model, module_name)
+    if module is None:
         raise LorakitError(
             f"{path}: the adapter targets {module_name}, which this model lacks; it was made "
             f"for another architecture (base: {config.base_model})"
-        ) from None
-    rank = a.shape[0]
+        )
     wrapped = isinstance(module, LoRALinear)
     if wrapped and name in module.lora_A:
         raise LorakitError(
             f"adapter {name!r} already exists on {module_name}; load it under another name"
         )
-    if not (wrapped or is_linear_like(module)):
-        raise LorakitError(f"the adapter targets a {type(module).__name__}, not a linear layer")
-    in_f, out_f = layer_features(module)  # a LoRALinear reports its base layer's features
-    if a.shape != (rank, in_f) or b.shape != (out_f, rank):
+    experts = experts_weights(model).get(module_name)
+    if experts is not None:
+        count, out_f, in_f = experts
+    elif wrapped or (isinstance(module, nn.Module) and is_linear_like(module)):
+        count, (in_f, out_f) = 1, layer_features(module)  # a LoRALinear: its base's features
+    else:
         raise LorakitError(
-            f"{path}: {module_name} needs A {(rank, in_f)}, B {(out_f, rank)}; the adapter has "
-            f"{tuple(a.shape)} and {tuple(b.shape)}: it was made for a model of another size"
+            f"{path}: the adapter targets {module_name}, a {type(module).__name__}, which "
+            "lorakit does not adapt (linear layers and mixture-of-experts weights only)"
         )
+    rows = a.shape[0]
+    if rows % count or a.shape != (rows, in_f) or b.shape != (out_f, rows):
+        shapes = f"A {(rows, in_f)}, B {(out_f, rows)}" + (
+            f" with rows a multiple of its {count} experts" if count > 1 else ""
+        )
+        raise LorakitError(
+            f"{path}: {module_name} needs {shapes}; the adapter has {tuple(a.shape)} and "
+            f"{tuple(b.shape)}: it was made for a model of another size"
+        )
+    return rows // count
 
 
-def combine_adapters(
-    paths: list[str | os.PathLike], weights: list[float], out: str | os.PathLike
-) -> AdapterConfig:
-    """One adapter whose update is sum_i w_i * (its update), exactly, for any ranks.
-
-    delta_i = s_i B_i A_i, so sum_i w_i delta_i = [w_1 s_1 B_1 | w_2 s_2 B_2 | ...] @ [A_1; ...]:
-    A and B are concatenated along the rank (modules an adapter lacks get zero blocks) and the
-    new scaling is 1 (alpha = rank).
-    """
-    if len(paths) != len(weights):
-        raise LorakitError(f"{len(weights)} weights for {len(paths)} adapters")
-    check_new_dir(out, "--out")  # never over an adapter (one of these, perhaps) or a file
-    loaded = [
-        (cfg, _group_weights(w, cfg, Path(p)))
-        for p, (cfg, w) in zip(paths, map(read_adapter, paths), strict=True)
-    ]
-    modules = sorted({m for _, mods in loaded for m in mods})
-    shapes: dict[str, tuple[int, int]] = {}
-    for path, (_, mods) in zip(paths, loaded, strict=True):
-        for m, pair in mods.items():
-            shape = (pair["A"].shape[1], pair["B"].shape[0])
-            if shapes.setdefault(m, shape) != shape:
-                raise LorakitError(
-                    f"{path}: {m} has shape {shape}, another adapter {shapes[m]}: "
-                    "these adapters belong to different base models"
-                )
-    ranks = [max(pair["A"].shape[0] for pair in mods.values()) for _, mods in loaded]
-    tensors = {}
-    for m in modules:
-        fin, fout = shapes[m]
-        a_blocks, b_blocks = [], []
-        for (cfg, mods), w, r in zip(loaded, weights, ranks, strict=True):
-            pair = mods.get(m)
-            if pair is None:
-                a_blocks.append(torch.zeros(r, fin))
-                b_blocks.append(torch.zeros(fout, r))
-                continue
-            rank = pair["A"].shape[0]
-            alpha = cfg.alpha_for(m)
-            scaling = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
-            pad = r - rank  # a module with a smaller rank (rank_pattern) is padded with zeros
-            a_blocks.append(torch.cat([pair["A"].float(), torch.zeros(pad, fin)]))
-            b_blocks.append(
-                torch.cat([pair["B"].float() * (w * scaling), torch.zeros(fout, pad)], 1)
-            )
-        tensors[f"{PREFIX}{m}.lora_A.weight"] = torch.cat(a_blocks).contiguous()
-        tensors[f"{PREFIX}{m}.lora_B.weight"] = torch.cat(b_blocks, 1).contiguous()
-    first = loaded[0][0]
-    total = sum(ranks)
-    config = AdapterConfig(
-        rank=total,
-        alpha=float(total),
-        target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
-        base_model=first.base_model,
-        fan_in_fan_out=first.fan_in_fan_out,
-    )
-    _write_adapter(Path(out), tensors, config)
-    return config
+def _find(model: nn.Module, name: str) -> object | None:
+    """The module (or fused expert weight) of that name, or None."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        return getattr(model.get_submodule(owner_name), attr, None)
+    except AttributeError:
+        return None
 
 
-def _write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
+def write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: AdapterConfig) -> None:
     from safetensors.torch import save_file
 
     # Serialize the config first: if that fails, neither file has been replaced yet.

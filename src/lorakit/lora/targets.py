@@ -2,10 +2,14 @@
 
 A target spec is one of:
   - `default` (or nothing): the attention projections of the architecture (table below);
-  - `all-linear`: every linear layer except the output head (as QLoRA does);
+  - `all-linear`: every linear layer except the output head (as QLoRA does), and the fused
+    expert weights of mixture-of-experts layers (rank r for each expert, `lora.experts`);
   - names, comma-separated: a module matches name `t` when its full name is `t` or ends in
     `.t` (PEFT's rule), so `q_proj` or `attn.c_proj` both work;
   - `re:REGEX`: module full names that match REGEX entirely (PEFT's rule for a string).
+
+An expert weight is named like a module, `model.layers.0.mlp.experts.gate_up_proj`, so that
+`gate_up_proj` or `experts.down_proj` select it. Routers (`mlp.gate`, a bare weight) stay frozen.
 
 Unknown architectures fall back to a rule on module names: every linear layer inside a module
 whose name contains `attn` or `attention`; if there is none, all-linear.
@@ -127,6 +131,13 @@ def experts_weights(model: nn.Module) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def _is_router(model: nn.Module, target: str) -> bool:
+    return any(
+        type(m).__name__.endswith("Router") and _matches(n, target.removesuffix(".weight"))
+        for n, m in model.named_modules()
+    )
+
+
 def role(module_name: str) -> str:
     """The module's place in the repeated block: layer indices replaced by `*`."""
     return ".".join("*" if part.isdigit() else part for part in module_name.split("."))
@@ -164,7 +175,7 @@ def default_target_names(model: nn.Module) -> tuple[list[str], str]:
 
 def resolve_targets(model: nn.Module, spec: str | Sequence[str] | None) -> tuple[list[str], object]:
     """Full module names selected by `spec`, and the `target_modules` value PEFT should save."""
-    candidates = linear_modules(model)
+    candidates = [*linear_modules(model), *experts_weights(model)]
     if spec is None or spec == "default" or spec == ["default"]:
         spec, _ = default_target_names(model)
     if isinstance(spec, str):
@@ -177,7 +188,7 @@ def resolve_targets(model: nn.Module, spec: str | Sequence[str] | None) -> tuple
         raise LorakitError("empty target spec; use default, all-linear, names or re:REGEX")
     if list(spec) == ["all-linear"]:
         selected = list(candidates)
-        peft_targets: object = sorted(set(short_names(selected).values()))
+        peft_targets: object = sorted(set(short_names(list(linear_modules(model))).values()))
     elif len(spec) == 1 and spec[0].startswith("re:"):
         pattern = spec[0][3:]
         try:
@@ -195,11 +206,11 @@ def resolve_targets(model: nn.Module, spec: str | Sequence[str] | None) -> tuple
         selected, peft_targets = [], sorted(set(spec))
         for target in spec:
             hits = [n for n in candidates if _matches(n, target)]
-            if not hits and any(_matches(n, target) for n in experts_weights(model)):
+            if not hits and _is_router(model, target):
                 raise LorakitError(
-                    f"target {target!r} is a mixture-of-experts weight (experts x out x in), "
-                    "not a linear layer: lorakit does not train adapters on experts yet; "
-                    "target the attention projections (default) or other linear layers"
+                    f"target {target!r} is a mixture-of-experts router (a bare experts x hidden "
+                    "weight): lorakit keeps routers frozen; target the attention projections "
+                    "(default), the experts (gate_up_proj, down_proj) or other linear layers"
                 )
             if not hits:
                 raise LorakitError(
@@ -223,11 +234,12 @@ class Candidate:
     out_features: int
     params: int  # base parameters in all modules of this kind
     default: bool
+    experts: int = 1  # a fused expert weight: this many (out, in) matrices per module
 
 
 def candidates(model: nn.Module) -> list[Candidate]:
-    modules = linear_modules(model)
-    table = short_names(list(modules))
+    modules, experts = linear_modules(model), experts_weights(model)
+    table = short_names([*modules, *experts])  # each name selects one kind, experts included
     default_names, _ = default_target_names(model)
     default_selected = set(resolve_targets(model, default_names)[0])
     by_role: dict[str, list[str]] = {}
@@ -247,12 +259,28 @@ def candidates(model: nn.Module) -> list[Candidate]:
                 default=names[0] in default_selected,
             )
         )
+    by_role = {}
+    for n in experts:
+        by_role.setdefault(role(n), []).append(n)
+    for r, names in by_role.items():
+        e, fout, fin = experts[names[0]]
+        count = len(names)
+        out.append(Candidate(table[r], r, count, fin, fout, e * fin * fout * count, False, e))
     return out
 
 
 def lora_param_count(model: nn.Module, module_names: Sequence[str], rank: int) -> int:
-    """Trainable parameters of a rank-`rank` adapter on these modules: rank * (in + out) each."""
-    return sum(rank * sum(layer_features(model.get_submodule(n))) for n in module_names)
+    """Trainable parameters of a rank-`rank` adapter on these modules: rank * (in + out) each,
+    for every expert of a fused expert weight."""
+    experts = experts_weights(model)
+    total = 0
+    for n in module_names:
+        if n in experts:
+            e, fout, fin = experts[n]
+            total += e * rank * (fin + fout)
+        else:
+            total += rank * sum(layer_features(model.get_submodule(n)))
+    return total
 
 
 def candidate_dicts(model: nn.Module) -> list[dict]:

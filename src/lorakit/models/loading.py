@@ -31,7 +31,7 @@ from lorakit.lora.layer import _set_submodule, is_conv1d
 from lorakit.lora.targets import linear_modules
 from lorakit.models import checkpoint
 from lorakit.models.precision import default_dtype
-from lorakit.quant.experts import NF4Experts, is_experts
+from lorakit.quant.experts import NF4Experts, is_experts, replace_weight
 from lorakit.quant.linear import NF4Linear
 
 DEFAULT_MODEL = "smollm2"
@@ -235,8 +235,8 @@ def _put_tensor(
         _set_submodule(model, module_name, quantized)
         return
     if quantize and tensor.dim() == 3 and is_experts(module) and attr in module._parameters:
-        del module._parameters[attr]  # one NF4 state per expert takes the parameter's place
-        setattr(module, attr, NF4Experts.from_weight(tensor, dtype, blocksize))
+        # one NF4 state per expert takes the parameter's place
+        replace_weight(module, attr, NF4Experts.from_weight(tensor, dtype, blocksize))
         return
     # Always a copy: GGUF's float32 tensors arrive as views of its memory-mapped file, and a
     # view kept in the model (an embedding, a norm) would keep the whole file mapped, and

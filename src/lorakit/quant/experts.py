@@ -8,7 +8,7 @@ weight, and indexing it dequantizes that one expert into the compute dtype. The 
 therefore 4-bit per expert; a forward holds one dequantized expert at a time (autograd keeps the
 slices a backward needs, as it would the parameter's).
 
-It is a module, not a linear layer: adapters are not attached to it (`lora.targets`).
+Adapters on these weights are `lora.experts.LoRAExperts`, which takes the weight's place in turn.
 """
 
 from __future__ import annotations
@@ -22,19 +22,31 @@ from lorakit.quant.nf4 import NF4State
 
 def is_experts(module: nn.Module) -> bool:
     """A mixture-of-experts layer's experts fused in (experts, out, in) parameters (transformers
-    names these classes *Experts)."""
-    return type(module).__name__.endswith("Experts")
+    names these classes *Experts; lorakit's own stand-ins for their weights are not)."""
+    kind = type(module)
+    return kind.__name__.endswith("Experts") and not kind.__module__.startswith("lorakit.")
 
 
 def expert_weights(module: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """name -> (experts, out, in) of the fused expert weights of an experts module."""
-    out = {}
+    """name -> (experts, out, in) of the fused expert weights of an experts module, in the order
+    the module's class registers them (PEFT nests its wrappers in that order)."""
+    found = {}
     transposed = getattr(module, "is_transposed", False)
     for name, w in [*module.named_parameters(recurse=False), *module.named_children()]:
         shape = tuple(w.shape) if hasattr(w, "shape") else ()
         if len(shape) == 3:
-            out[name] = (shape[0], shape[2], shape[1]) if transposed else shape
-    return out
+            found[name] = (shape[0], shape[2], shape[1]) if transposed else shape
+    order = module.__dict__.get("expert_order", [])
+    return dict(sorted(found.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 0))
+
+
+def replace_weight(module: nn.Module, attr: str, new: nn.Module) -> None:
+    """Put `new` (a module indexable by expert) in the place of the fused weight `attr`,
+    remembering the class's order of its weights first (a replaced parameter loses its place)."""
+    module.__dict__.setdefault("expert_order", list(expert_weights(module)))
+    module._parameters.pop(attr, None)
+    module._modules.pop(attr, None)
+    setattr(module, attr, new)
 
 
 class NF4Experts(nn.Module):

@@ -11,7 +11,12 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora.anatomy import NF4_BITS
-from lorakit.lora.targets import linear_modules, lora_param_count, resolve_targets
+from lorakit.lora.targets import (
+    experts_weights,
+    linear_modules,
+    lora_param_count,
+    resolve_targets,
+)
 from lorakit.quant.linear import free_memory
 from lorakit.training.config import TrainConfig
 
@@ -49,9 +54,13 @@ def estimate(
     total = sum(p.numel() for p in model.parameters())
     linears = linear_modules(model).values()
     linear = sum(m.weight.numel() for m in linears)
-    # NF4: the codes and block scales, plus each layer's 256-entry table of the scales' code
-    stored = int(linear * NF4_BITS / 8) + 1024 * len(linears) if quant == "nf4" else linear * size
-    base = stored + (total - linear) * size
+    experts = experts_weights(model)  # NF4, one state per expert
+    expert = sum(e * o * i for e, o, i in experts.values())
+    tables = len(linears) + len(experts)  # NF4Experts keep one code table for all experts
+    # NF4: the codes and block scales, plus each matrix's 256-entry table of the scales' code
+    four_bit = linear + expert
+    stored = int(four_bit * NF4_BITS / 8) + 1024 * tables if quant == "nf4" else four_bit * size
+    base = stored + (total - four_bit) * size
     selected, _ = resolve_targets(model, cfg.targets)
     text = model.config.get_text_config()
     hidden, layers = text.hidden_size, text.num_hidden_layers
