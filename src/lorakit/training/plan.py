@@ -1,0 +1,189 @@
+"""`lorakit plan`: will a run fit, and how long will it take, from the model's config alone.
+
+Memory is `training.memory`'s estimate, the very numbers `lorakit train` decides its settings on
+(micro-batch, gradient checkpointing, weight cache), plus what the process holds before any
+weight (Python, torch, transformers: measured in this process on a CPU). The same estimate is
+shown for LoRA over a 16-bit base and for a full fine-tune (16-bit weights and gradients, fp32
+AdamW moments and master weights: 16 bytes a parameter). Time is the step's matmul work
+(forward 2 FLOPs a weight a token, the input gradients 2 more, a recomputed forward under
+checkpointing 2 more, the adapter's own) at the matmul rate measured here on the model's shapes,
+at the share of it lorakit's training reaches on CPUs (bench/mfu.py): a stated estimate, not a
+promise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.lora.targets import experts_weights, linear_modules, lora_param_count, resolve_targets
+from lorakit.training import memory
+from lorakit.training.config import TrainConfig
+from lorakit.training.trainer import micro_batch_size
+
+# lorakit's model matmuls against this CPU's matmul peak in training (BENCHMARKS.md, MFU: 80%
+# fp32 on the 2-core AVX2 machine, 56% bf16 on a 16-core AMX one); the lower is used.
+MFU = 0.56
+FULL_BYTES = 16  # a fully trained parameter: 16-bit weight and gradient, fp32 master + AdamW
+
+
+def runtime_bytes(device: torch.device) -> int:
+    """What the process holds before the model: its resident memory now (CPU; `lorakit train`
+    imports what this process has), nothing on a GPU (its peak counts tensors only)."""
+    if device.type != "cpu":
+        return 0
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def matmul_rate(rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a (rows x hidden) @ (hidden x hidden) matmul here, best of a few."""
+    a = torch.randn(rows, hidden, dtype=dtype, device=device)
+    b = torch.randn(hidden, hidden, dtype=dtype, device=device)
+    best = float("inf")
+    for _ in range(4):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * hidden * hidden / max(best, 1e-9)
+
+
+def make_plan(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: int,
+    calibrate: bool = True,
+) -> dict:
+    """The plan for training `model` (on meta) as `cfg` says within `budget` bytes."""
+    runtime = runtime_bytes(device)
+    micro = micro_batch_size(cfg, device, model, dtype)
+    est = memory.estimate(model, cfg, dtype, micro)
+    lean = est.total(checkpointing=True, cache=False) + runtime
+    try:
+        checkpointing, cache = memory.choose(
+            est, max(budget - runtime, 0), cfg.grad_checkpointing, cfg.cache_weights
+        )
+        fits, why = True, ""
+    except LorakitError as e:
+        checkpointing, cache = True, False
+        fits, why = False, str(e)
+    peak = est.total(checkpointing, cache) + runtime
+    total = sum(p.numel() for p in model.parameters())
+    lora16 = memory.estimate(model, cfg, dtype, micro, quant="none")
+    size = torch.empty(0, dtype=dtype).element_size()
+    full = total * FULL_BYTES + est.checkpointed + est.loss + runtime
+
+    text = model.config.get_text_config()
+    weights = sum(m.weight.numel() for m in linear_modules(model).values())
+    weights += sum(e * o * i for e, o, i in experts_weights(model).values())
+    selected, _ = resolve_targets(model, cfg.targets)
+    adapter = lora_param_count(model, selected, cfg.rank)
+    passes = 3 if checkpointing else 2  # forward, input gradients (+ the recomputed forward)
+    per_token = 2 * weights * passes + 6 * adapter
+    tokens = cfg.batch_size * cfg.seq_len
+    speed = None
+    if calibrate:
+        rate = matmul_rate(min(micro * cfg.seq_len, 2048), text.hidden_size, dtype, device)
+        tokens_per_s = rate * MFU / per_token
+        speed = {
+            "matmul_flops_per_s": rate,
+            "tokens_per_s": tokens_per_s,
+            "seconds_per_step": tokens / tokens_per_s,
+        }
+    return {
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        "budget_bytes": budget,
+        "fits": fits,
+        "why_not": why,
+        "settings": {
+            "batch_size": cfg.batch_size,
+            "micro_batch": micro,
+            "seq_len": cfg.seq_len,
+            "rank": cfg.rank,
+            "targets": cfg.targets or "default",
+            "grad_checkpointing": checkpointing,
+            "cache_weights": cache,
+        },
+        "memory_bytes": {
+            "runtime": runtime,
+            "base": est.base,
+            "weight_cache": est.cache if cache else 0,
+            "adapter_and_optimizer": est.adapter,
+            "activations": est.activations,
+            "activations_checkpointed": est.checkpointed,
+            "logits": est.loss,
+        },
+        "peak_memory_bytes": peak,
+        "leanest_bytes": lean,
+        "alternatives_bytes": {
+            "qlora": peak,
+            "lora_16bit": lora16.total(checkpointing, False) + runtime,
+            "full_finetune": full,
+        },
+        "parameters": {"model": total, "adapter": adapter, "bytes_per_value": size},
+        "flops_per_token": per_token,
+        "speed": speed,
+    }
+
+
+def format_plan(plan: dict, title: str) -> str:
+    """The plan as `lorakit plan` prints it."""
+    gib = 2**30
+    s, mem, alt = plan["settings"], plan["memory_bytes"], plan["alternatives_bytes"]
+    out = [
+        f"{title}: {plan['parameters']['model'] / 1e9:.2f}B parameters, on {plan['device']} "
+        f"({plan['dtype']}), {plan['budget_bytes'] / gib:.1f} GiB to use",
+        "",
+        f"Settings: batch {s['batch_size']} x {s['seq_len']} tokens ({s['micro_batch']} a pass), "
+        f"rank {s['rank']} on {s['targets']}, gradient checkpointing "
+        f"{'on' if s['grad_checkpointing'] else 'off'}, weight cache "
+        f"{'on' if s['cache_weights'] else 'off'}",
+        "",
+        "Memory at the peak of a step (QLoRA)",
+    ]
+    kept = "activations_checkpointed" if s["grad_checkpointing"] else "activations"
+    rows = [
+        ("Python + torch + transformers", mem["runtime"]),
+        ("base (linear layers in NF4, the rest as computed)", mem["base"]),
+        ("dequantized weight cache", mem["weight_cache"]),
+        ("adapter + gradients + AdamW", mem["adapter_and_optimizer"]),
+        (f"activations ({'checkpointed' if kept != 'activations' else 'all kept'})", mem[kept]),
+        ("logits (a chunk, fp32, + gradient)", mem["logits"]),
+    ]
+    out += [f"  {label:<50}{b / gib:>8.2f} GiB" for label, b in rows]
+    out.append(f"  {'predicted peak':<50}{plan['peak_memory_bytes'] / gib:>8.2f} GiB")
+    other = "all kept" if kept != "activations" else "checkpointed"
+    other_bytes = mem["activations" if kept != "activations" else "activations_checkpointed"]
+    out += [
+        f"  (activations {other}: {other_bytes / gib:.2f} GiB)",
+        "",
+        f"Same run as LoRA over a 16-bit base: {alt['lora_16bit'] / gib:.2f} GiB; "
+        f"a full fine-tune: {alt['full_finetune'] / gib:.2f} GiB.",
+    ]
+    if plan["fits"]:
+        out.append("It fits.")
+    else:
+        out.append(f"It does not fit: {plan['why_not']}")
+    speed = plan["speed"]
+    if speed:
+        out.append(
+            f"Expected speed: about {speed['tokens_per_s']:.0f} tokens/s, "
+            f"{speed['seconds_per_step']:.1f} s a step ({plan['flops_per_token'] / 1e9:.2f} "
+            f"GFLOP a token at {MFU:.0%} of the {speed['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s "
+            "measured here; an estimate)."
+        )
+    return "\n".join(out)

@@ -1,0 +1,96 @@
+"""`lorakit plan`: memory and time from config.json alone, the settings `train` would pick."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lorakit.cli import main
+from lorakit.training import memory
+from lorakit.training.config import TrainConfig
+
+FLAGS = ["--no-calibrate", "--seq-len", "64", "--device", "cpu"]
+
+
+@pytest.fixture
+def config_only(tmp_path):
+    """What a user has before downloading a model: its config.json, no weights."""
+    tiny_model("llama").config.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _plan(capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_from_config_alone_adds_up_to_its_peak(config_only, capsys):
+    plan = _plan(capsys, str(config_only), *FLAGS, "--memory", "16GB")
+    assert plan["fits"] and plan["budget_bytes"] == 16 * 2**30
+    mem, settings = plan["memory_bytes"], plan["settings"]
+    kept = "activations_checkpointed" if settings["grad_checkpointing"] else "activations"
+    parts = ["runtime", "base", "weight_cache", "adapter_and_optimizer", kept, "logits"]
+    assert plan["peak_memory_bytes"] == sum(mem[p] for p in parts)
+    assert mem["runtime"] > 0  # this process's own memory, measured
+    assert plan["alternatives_bytes"]["full_finetune"] > plan["alternatives_bytes"]["lora_16bit"]
+
+    # The same estimate and decisions `lorakit train` runs on (training.memory).
+    from lorakit.models.loading import empty_model, load_config, resolve_model
+
+    model = empty_model(load_config(resolve_model(config_only, weights=False)))
+    cfg = TrainConfig(seq_len=64)
+    est = memory.estimate(model, cfg, torch.float32, settings["micro_batch"])
+    assert mem["base"] == est.base and mem["activations"] == est.activations
+
+    # A bigger adapter costs more; the file itself is enough too.
+    wide = _plan(capsys, str(config_only / "config.json"), *FLAGS, "--targets", "all-linear")
+    assert wide["memory_bytes"]["adapter_and_optimizer"] > mem["adapter_and_optimizer"]
+
+
+def test_plan_turns_checkpointing_on_as_memory_shrinks_and_says_when_nothing_fits(
+    config_only, capsys, monkeypatch
+):
+    from lorakit.training import plan
+
+    monkeypatch.setattr(plan, "runtime_bytes", lambda device: 300 * 2**20)  # steady, not measured
+    roomy = _plan(capsys, str(config_only), *FLAGS, "--memory", "64GB", "--batch-size", "64")
+    runtime = roomy["memory_bytes"]["runtime"]
+    lean = roomy["leanest_bytes"]
+    assert not roomy["settings"]["grad_checkpointing"]
+    tight = _plan(
+        capsys, str(config_only), *FLAGS, "--batch-size", "64", "--memory", f"{lean + 1}B"
+    )
+    assert tight["fits"] and tight["settings"]["grad_checkpointing"]
+    assert tight["peak_memory_bytes"] < roomy["peak_memory_bytes"]
+    short = _plan(capsys, str(config_only), *FLAGS, "--memory", f"{runtime}B")
+    assert not short["fits"] and "needs at least" in short["why_not"]
+    capsys.readouterr()
+    assert main(["plan", str(config_only), *FLAGS, "--memory", f"{runtime}B"]) == 0
+    assert "It does not fit" in capsys.readouterr().out
+
+
+def test_plan_measures_this_machine_for_the_speed(config_only, capsys):
+    plan = _plan(capsys, str(config_only), "--seq-len", "64", "--device", "cpu")
+    speed = plan["speed"]
+    assert speed["matmul_flops_per_s"] > 0 and speed["tokens_per_s"] > 0
+    tokens = plan["settings"]["batch_size"] * plan["settings"]["seq_len"]
+    assert speed["seconds_per_step"] == pytest.approx(tokens / speed["tokens_per_s"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--memory", "lots"], "--memory 'lots' is not a size"),
+        (["--seq-len", "100000"], "exceeds the model's context"),
+        (["--rank", "0"], "rank"),
+    ],
+)
+def test_plan_bad_input_is_one_line(config_only, capsys, argv, says):
+    capsys.readouterr()
+    assert main(["plan", str(config_only), "--no-calibrate", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
