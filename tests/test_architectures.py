@@ -92,6 +92,25 @@ def data_file(tmp_path):
     return path
 
 
+def _train_two_steps(model, tok, path, data_file, out, targets="default", rank=16):
+    cfg = TrainConfig(
+        model=str(path),
+        data=str(data_file),
+        out=str(out),
+        targets=targets,
+        rank=rank,
+        steps=2,
+        batch_size=2,
+        seq_len=64,
+        lr=1e-2,
+        save_every=0,
+        device="cpu",
+    )
+    result = T.train(cfg, model, tok, str(path), progress=False)
+    assert result.steps == 2
+    return result
+
+
 def _reference_over_dequantized_base(path, model):
     """transformers' own load of `path`, carrying exactly lorakit's dequantized NF4 weights."""
     from transformers import AutoModelForCausalLM
@@ -122,19 +141,7 @@ def test_architecture_end_to_end(kind, tmp_path, tiny_tokenizer, data_file, caps
     assert any(isinstance(m, NF4Linear) for m in model.modules())
     if "moe" in kind or kind == "mixtral":
         assert any(isinstance(m, NF4Experts) for m in model.modules())  # experts in 4 bits
-    cfg = TrainConfig(
-        model=str(path),
-        data=str(data_file),
-        out=str(tmp_path / "out"),
-        steps=2,
-        batch_size=2,
-        seq_len=64,
-        lr=1e-2,
-        save_every=0,
-        device="cpu",
-    )
-    result = T.train(cfg, model, tok, str(path), progress=False)
-    assert result.steps == 2
+    result = _train_two_steps(model, tok, path, data_file, tmp_path / "out")
 
     reference = _reference_over_dequantized_base(path, model)
     peft_model = peft.PeftModel.from_pretrained(reference, result.out).eval()
@@ -252,20 +259,7 @@ def test_adapters_on_experts_train_and_match_peft(
     assert "gate_up_proj" in report and "x4" in report and "routers stay frozen" in report
 
     model, tok, _ = load_model(path, quant="nf4", dtype=torch.float32)
-    cfg = TrainConfig(
-        model=str(path),
-        data=str(data_file),
-        out=str(tmp_path / "out"),
-        targets="all-linear",
-        rank=2,
-        steps=2,
-        batch_size=2,
-        seq_len=64,
-        lr=1e-2,
-        save_every=0,
-        device="cpu",
-    )
-    result = T.train(cfg, model, tok, str(path), progress=False)
+    result = _train_two_steps(model, tok, path, data_file, tmp_path / "out", "all-linear", 2)
     saved = json.loads((result.out / "adapter_config.json").read_text())
     assert saved["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
     experts = model.get_submodule("model.layers.0.mlp.experts")
