@@ -22,13 +22,14 @@ of its weights: the last targeted weight's factors are `experts.lora_A`, the one
 from __future__ import annotations
 
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import LoRALinear
+from lorakit.lora.targets import matches
 from lorakit.quant.experts import NF4Experts, expert_weights, is_experts, replace_weight
 
 
@@ -179,38 +180,32 @@ def _take(a: object, idx: Tensor, n: int) -> object:
     return a[idx] if is_tokens else a  # type: ignore[index]
 
 
+def _nesting(model: nn.Module, chosen: Callable[[str, object], bool]) -> Iterator[tuple[str, str]]:
+    """(PEFT's module name, our name) of each expert weight `chosen(our name, weight)` picks:
+    on each experts module, the last picked weight is the module itself, the one before it
+    `.base_layer`, and so on."""
+    for owner_name, owner in model.named_modules():
+        if is_experts(owner):
+            picked = [
+                w for w in expert_weights(owner) if chosen(f"{owner_name}.{w}", getattr(owner, w))
+            ]
+            for depth, w in enumerate(reversed(picked)):
+                yield owner_name + ".base_layer" * depth, f"{owner_name}.{w}"
+
+
 def peft_names(model: nn.Module, name: str) -> dict[str, str]:
     """Our name of each expert weight carrying adapter `name` -> the module name PEFT gives
     its factors (`...experts`, `...experts.base_layer`, ...)."""
-    out = {}
-    for owner_name, owner in model.named_modules():
-        if is_experts(owner):
-            carrying = [
-                w
-                for w in expert_weights(owner)
-                if isinstance(layer := getattr(owner, w), LoRAExperts) and name in layer.lora_A
-            ]
-            for depth, w in enumerate(reversed(carrying)):
-                out[f"{owner_name}.{w}"] = owner_name + ".base_layer" * depth
-    return out
+
+    def carrying(_: str, weight: object) -> bool:
+        return isinstance(weight, LoRAExperts) and name in weight.lora_A
+
+    return {ours: theirs for theirs, ours in _nesting(model, carrying)}
 
 
 def internal_names(model: nn.Module, target_parameters: Sequence[str]) -> dict[str, str]:
     """PEFT's module name for each expert weight `target_parameters` selects -> our name."""
-    out = {}
-    for owner_name, owner in model.named_modules():
-        if is_experts(owner):
-            chosen = [
-                w
-                for w in expert_weights(owner)
-                if any(
-                    f"{owner_name}.{w}" == t or f"{owner_name}.{w}".endswith("." + t)
-                    for t in target_parameters
-                )
-            ]
-            for depth, w in enumerate(reversed(chosen)):
-                out[owner_name + ".base_layer" * depth] = f"{owner_name}.{w}"
-    return out
+    return dict(_nesting(model, lambda n, _: any(matches(n, t) for t in target_parameters)))
 
 
 def target_parameter(module_name: str) -> str:

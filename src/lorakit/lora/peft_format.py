@@ -31,7 +31,7 @@ from lorakit.lora.layer import (
     layer_features,
     lora_layers,
 )
-from lorakit.lora.targets import experts_weights
+from lorakit.lora.targets import experts_weights, matches
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -208,16 +208,16 @@ def _split_experts(config: AdapterConfig, carrying: dict[str, LoRALinear]) -> No
     experts = [n for n, layer in carrying.items() if isinstance(layer, LoRAExperts)]
     if not experts:
         return
-    config.target_parameters = sorted({target_parameter(n) for n in experts})
     if config.dropout:
         raise LorakitError(
             "adapters on mixture-of-experts weights take no dropout (PEFT's rule); save with "
             "dropout 0"
         )
+    config.target_parameters = sorted({target_parameter(n) for n in experts})
     if not isinstance(config.target_modules, str):
         linear = [n for n in carrying if n not in experts]
         config.target_modules = sorted(
-            t for t in config.target_modules if any(n == t or n.endswith("." + t) for n in linear)
+            t for t in config.target_modules if any(matches(n, t) for n in linear)
         )
 
 
@@ -309,13 +309,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     renames = internal_names(model, config.target_parameters)
     modules = group_weights(weights, config, Path(path), renames)
     # Check every module before wrapping any, so an error leaves the model untouched.
+    experts = experts_weights(model)
     ranks = {
-        m: _check_target(model, path, config, m, pair["A"], pair["B"], name)
+        m: _check_target(model, path, config, m, pair["A"], pair["B"], name, experts)
         for m, pair in modules.items()
     }
     for module_name, pair in modules.items():
-        experts = module_name in experts_weights(model)
-        dropout = 0.0 if experts else config.dropout  # PEFT's expert adapters have none
+        # PEFT's expert adapters have no dropout
+        dropout = 0.0 if module_name in experts else config.dropout
         alpha = config.alpha_for(module_name)
         rank = ranks[module_name]
         attach_lora(model, [module_name], name, rank, alpha, dropout, config.use_rslora)
@@ -336,6 +337,7 @@ def _check_target(
     a: torch.Tensor,
     b: torch.Tensor,
     name: str,
+    experts: dict[str, tuple[int, int, int]],
 ) -> int:
     """The rank of the adapter's factors for this module; refuses a module the model lacks,
     that has adapter `name`, or that A/B do not fit."""
@@ -350,9 +352,8 @@ def _check_target(
         raise LorakitError(
             f"adapter {name!r} already exists on {module_name}; load it under another name"
         )
-    experts = experts_weights(model).get(module_name)
-    if experts is not None:
-        count, out_f, in_f = experts
+    if module_name in experts:
+        count, out_f, in_f = experts[module_name]
     elif wrapped or (isinstance(module, nn.Module) and is_linear_like(module)):
         count, (in_f, out_f) = 1, layer_features(module)  # a LoRALinear: its base's features
     else:

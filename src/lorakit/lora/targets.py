@@ -102,7 +102,8 @@ TESTED_ARCHITECTURES = (
 )
 
 
-def _matches(module_name: str, target: str) -> bool:
+def matches(module_name: str, target: str) -> bool:
+    """PEFT's rule: the name is the target, or ends in `.target`."""
     return module_name == target or module_name.endswith("." + target)
 
 
@@ -133,7 +134,7 @@ def experts_weights(model: nn.Module) -> dict[str, tuple[int, int, int]]:
 
 def _is_router(model: nn.Module, target: str) -> bool:
     return any(
-        type(m).__name__.endswith("Router") and _matches(n, target.removesuffix(".weight"))
+        type(m).__name__.endswith("Router") and matches(n, target.removesuffix(".weight"))
         for n, m in model.named_modules()
     )
 
@@ -151,7 +152,7 @@ def short_names(names: Sequence[str]) -> dict[str, str]:
         out[r] = parts[-1]  # ambiguous leaf name if no suffix is unique (a rare layout)
         for k in range(1, len(parts) + 1):
             suffix = ".".join(parts[-k:])
-            if {role(n) for n in names if _matches(n, suffix)} == {r}:
+            if {role(n) for n in names if matches(n, suffix)} == {r}:
                 out[r] = suffix
                 break
     return out
@@ -205,7 +206,7 @@ def resolve_targets(model: nn.Module, spec: str | Sequence[str] | None) -> tuple
     else:
         selected, peft_targets = [], sorted(set(spec))
         for target in spec:
-            hits = [n for n in candidates if _matches(n, target)]
+            hits = [n for n in candidates if matches(n, target)]
             if not hits and _is_router(model, target):
                 raise LorakitError(
                     f"target {target!r} is a mixture-of-experts router (a bare experts x hidden "
