@@ -14,6 +14,7 @@ FLOORS = {
     "lorakit.errors": 0,
     "lorakit.atomic": 0,
     "lorakit.quant.nf4": 1,
+    "lorakit.quant.bnb_format": 1,
     "lorakit.kernels": 2,
     "lorakit.quant.linear": 3,
     "lorakit.quant.experts": 3,

@@ -105,7 +105,7 @@ def test_train_refuses_before_reading_a_weight(tiny_model_dir, tmp_path, monkeyp
         raise AssertionError("weights were read before the memory check")
 
     monkeypatch.setattr(memory, "device_budget", lambda device: 1 * MiB)
-    monkeypatch.setattr(loading, "_iter_safetensors", no_reading)
+    monkeypatch.setattr(loading, "read_tensors", no_reading)
     argv = ["train", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--steps", "1"]
     assert main([*argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -12,7 +12,7 @@ from pathlib import Path
 from lorakit.errors import LorakitError
 
 
-def _fix(e: OSError) -> str:
+def fix_for(e: OSError) -> str:
     """What to do about a failed write, from its errno."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some disk space"
@@ -27,13 +27,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
-        raise LorakitError(f"could not write {path}: {e.strerror or e}; {_fix(e)}") from None
+        raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
     try:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise LorakitError(f"could not write {path}: {e.strerror or e}; {_fix(e)}") from None
+        raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.bnb_format import PART, state_from_tensors
+from lorakit.quant.nf4 import NF4State
 
 # safetensors' dtype names -> torch dtypes (https://github.com/huggingface/safetensors).
 SAFETENSORS_DTYPES = {
@@ -141,6 +143,19 @@ def _transforms(model: nn.Module) -> tuple[list, list]:
     return renamings, converters
 
 
+def _nf4_state(entry: Entry, parts: dict[str, Entry], name: str, expected: tuple) -> NF4State:
+    """A bitsandbytes 4-bit weight as our NF4State, its shape checked against the model's
+    (which holds it as (out, in), or (in, out) for GPT-2's Conv1D)."""
+    try:
+        read = {part: e.read() for part, e in parts.items()}
+        state = state_from_tensors(entry.key, {"": entry.read(), **read})
+    except LorakitError as e:
+        raise LorakitError(f"{entry.file}: {e}") from None
+    if tuple(state.shape) not in (tuple(expected), tuple(expected[::-1])):
+        _check_shape(entry, name, state.shape, expected)
+    return state
+
+
 def _check_shape(entry: Entry | None, name: str, shape: tuple, expected: tuple) -> None:
     if tuple(shape) != tuple(expected):
         where = f"{entry.file}: tensor {entry.key}" if entry else f"tensor {name}"
@@ -150,11 +165,13 @@ def _check_shape(entry: Entry | None, name: str, shape: tuple, expected: tuple) 
         )
 
 
-def tensors(directory: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors(directory: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tensor | NF4State]]:
     """(parameter or buffer name in `model`, tensor) for every checkpoint tensor the model has.
 
     Checkpoint keys are renamed by transformers' rules for this model (and the base-model prefix
-    added or dropped); keys the model has no place for are skipped, as transformers does.
+    added or dropped); keys the model has no place for are skipped, as transformers does. A
+    weight saved by bitsandbytes in 4 bits (quant/bnb_format.py) comes as its NF4State, read
+    with the tensors stored beside it.
     """
     from transformers.core_model_loading import rename_source_key
 
@@ -163,19 +180,27 @@ def tensors(directory: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tens
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     prefix = model.base_model_prefix
     fused: dict[str, object] = {}
-    for file in checkpoint_files(directory):
-        for entry in entries(file):
-            name, pattern = rename_source_key(entry.key, renamings, converters, prefix, expected)
-            if name not in expected and entry.key in expected:
-                name, pattern = entry.key, None  # a key already right must not be renamed
-            if name not in expected:
-                continue
-            if pattern is None:
-                _check_shape(entry, name, entry.shape, expected[name])
-                yield name, entry.read()
-            else:  # one piece of a converted tensor: read when the target is complete
-                converter = fused.setdefault(name, copy.deepcopy(by_pattern[pattern]))
-                converter.add_tensor(name, entry.key, pattern, partial(Entry.read, entry))
+    every = [entry for file in checkpoint_files(directory) for entry in entries(file)]
+    parts: dict[str, dict[str, Entry]] = {}  # a 4-bit weight's key -> its tensors by suffix
+    for entry in every:
+        if m := PART.match(entry.key):
+            parts.setdefault(m["weight"], {})[m["part"]] = entry
+    for entry in every:
+        if PART.match(entry.key):
+            continue
+        name, pattern = rename_source_key(entry.key, renamings, converters, prefix, expected)
+        if name not in expected and entry.key in expected:
+            name, pattern = entry.key, None  # a key already right must not be renamed
+        if name not in expected:
+            continue
+        if entry.key in parts:
+            yield name, _nf4_state(entry, parts[entry.key], name, expected[name])
+        elif pattern is None:
+            _check_shape(entry, name, entry.shape, expected[name])
+            yield name, entry.read()
+        else:  # one piece of a converted tensor: read when the target is complete
+            converter = fused.setdefault(name, copy.deepcopy(by_pattern[pattern]))
+            converter.add_tensor(name, entry.key, pattern, partial(Entry.read, entry))
     for first, converter in fused.items():
         try:
             out = converter.convert(first, model=model, config=model.config)

@@ -31,8 +31,10 @@ from lorakit.lora.layer import _set_submodule, is_conv1d
 from lorakit.lora.targets import linear_modules
 from lorakit.models import checkpoint
 from lorakit.models.precision import default_dtype
+from lorakit.quant.bnb_format import is_prequantized
 from lorakit.quant.experts import NF4Experts, is_experts, replace_weight
 from lorakit.quant.linear import NF4Linear
+from lorakit.quant.nf4 import NF4State, dequantize_nf4
 
 DEFAULT_MODEL = "smollm2"
 ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
@@ -185,7 +187,10 @@ def empty_model(config) -> nn.Module:
     return model.eval()
 
 
-def _iter_safetensors(source: ModelSource, model: nn.Module) -> Iterator:
+def read_tensors(source: ModelSource, model: nn.Module) -> Iterator:
+    """(name in `model`, tensor or NF4State) for each weight of the source, one at a time."""
+    if source.kind == "gguf":
+        return _iter_gguf(source, model)
     return checkpoint.tensors(source.path, model)
 
 
@@ -222,19 +227,24 @@ def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
 def _put_tensor(
     model: nn.Module,
     name: str,
-    tensor: torch.Tensor,
+    tensor: torch.Tensor | NF4State,
     dtype: torch.dtype,
     quantize: set[str],
     blocksize: int,
 ) -> None:
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
+    if isinstance(tensor, NF4State):  # stored in 4 bits already: kept as it is, or dequantized
+        tensor = _prequantized(module, name, tensor, keep=module_name in quantize)
     if module_name in quantize and attr == "weight":
-        weight = tensor.T if is_conv1d(module) else tensor  # Conv1D stores (in, out)
         # A bias not read yet stays on meta inside the NF4Linear: it is filled when it arrives
         # (from a later shard) or reported missing, never dropped silently.
         bias = getattr(module, "bias", None)
-        quantized = NF4Linear.from_weight(weight, bias, blocksize=blocksize)
+        if isinstance(tensor, NF4State):
+            quantized = NF4Linear(tensor, bias)
+        else:
+            weight = tensor.T if is_conv1d(module) else tensor  # Conv1D stores (in, out)
+            quantized = NF4Linear.from_weight(weight, bias, blocksize=blocksize)
         quantized.fan_in_fan_out = is_conv1d(module)  # so adapters record what PEFT will see
         _set_submodule(model, module_name, quantized)
         return
@@ -250,6 +260,24 @@ def _put_tensor(
         module._buffers[attr] = tensor
     else:
         module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+
+
+def _prequantized(
+    module: nn.Module, name: str, state: NF4State, keep: bool
+) -> NF4State | torch.Tensor:
+    """A 4-bit weight from the checkpoint: its state if the layer stays NF4 (`keep`), else the
+    weight dequantized, in the module's layout; a LorakitError if it is not the layer's."""
+    conv1d = is_conv1d(module)
+    shape = tuple(module.weight.shape)
+    if tuple(state.shape) != (shape[::-1] if conv1d else shape):
+        raise LorakitError(
+            f"tensor {name} is stored as {list(state.shape)} in 4 bits, but the model's "
+            f"config makes it {list(shape)}; the weights do not belong to this config.json"
+        )
+    if keep:
+        return state
+    weight = dequantize_nf4(state)
+    return weight.T if conv1d else weight
 
 
 def _eager_experts(model: nn.Module) -> None:
@@ -314,15 +342,12 @@ def load_model(
     source = resolve_model(spec)
     dtype = dtype or default_dtype(device)
     config = load_config(source)
+    is_prequantized(config, source.path)  # refuses the quantized checkpoints it cannot read
     model = empty_model(config)
     if before_weights is not None:
         before_weights(model)
     quantize = quantizable_modules(model) if quant == "nf4" else set()
-    if source.kind == "gguf":
-        tensors = _iter_gguf(source, model)
-    else:
-        tensors = _iter_safetensors(source, model)
-    for name, tensor in tensors:
+    for name, tensor in read_tensors(source, model):
         _put_tensor(model, name, tensor.to(device), dtype, quantize, blocksize)
     model.tie_weights()
     _eager_experts(model)
