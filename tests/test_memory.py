@@ -104,10 +104,35 @@ def test_train_refuses_before_reading_a_weight(tiny_model_dir, tmp_path, monkeyp
     def no_reading(*args, **kwargs):
         raise AssertionError("weights were read before the memory check")
 
-    monkeypatch.setattr(memory, "device_budget", lambda device: 1 * MiB)
+    monkeypatch.setattr(memory, "device_budget", lambda device, cap=None: 1 * MiB)
     monkeypatch.setattr(loading, "read_tensors", no_reading)
     argv = ["train", "--model", str(tiny_model_dir), "--out", str(tmp_path / "o"), "--steps", "1"]
     assert main([*argv, "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs at least" in err[0] and "--micro-batch" in err[0]
     assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+
+
+def test_memory_flag_caps_the_budget_counting_what_the_process_holds(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(memory, "free_memory", lambda device: 20 * 2**30)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 2 * 2**30)
+    assert memory.device_budget(cpu) == 20 * 2**30
+    assert memory.device_budget(cpu, cap=6 * 2**30) == 4 * 2**30  # 6 GB, 2 of them held
+    assert memory.device_budget(cpu, cap=1 * 2**30) == 0
+    assert memory.run_budget(TrainConfig(memory="6GB"), cpu) == 4 * 2**30
+    assert memory.run_budget(TrainConfig(memory="64G"), cpu) == 20 * 2**30  # what is free
+
+
+def test_train_memory_flag_refuses_before_loading_and_is_checked(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["train", "--model", str(tiny_model_dir), "--out", str(out), "--device", "cpu"]
+    assert main([*argv, "--memory", "1MB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs at least" in err[0]
+    assert main([*argv, "--memory", "six gigs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "lorakit train: error: --memory 'six gigs' is not a size; write it like 16GB or 512MB"
+    ]
+    assert not out.exists() or not any(out.iterdir())

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 from lorakit.errors import LorakitError
 from lorakit.models.loading import context_length, empty_model, load_config, resolve_model
 from lorakit.models.precision import default_dtype, resolve_device
-from lorakit.training.config import TrainConfig, validate
+from lorakit.training.config import TrainConfig, parse_size, validate
 from lorakit.training.memory import device_budget
 from lorakit.training.plan import format_plan, make_plan
-
-UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'16GB', '16G', '512MiB', '1.5 GiB' -> bytes (binary units, as memory is sold)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    if m is None or float(m.group(1)) <= 0:
-        raise LorakitError(f"--memory {text!r} is not a size; write it like 16GB or 512MB")
-    return int(float(m.group(1)) * UNITS[m.group(2)])
 
 
 def cmd_plan(args: argparse.Namespace) -> None:

@@ -196,6 +196,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t("--train-on-prompt", action="store_true", default=None, help="loss on prompt tokens too")
     t("--skip-bad-lines", action="store_true", default=None, help="skip malformed data lines")
     t("--device", choices=["auto", "cpu", "cuda"], help="default auto")
+    t(
+        "--memory",
+        help="the most memory the run may use, e.g. 6GB (default: what is free); the auto "
+        "settings and the refusal follow it",
+    )
     t("--resume", action="store_true", default=None, help="continue the run in --out")
     t("--overwrite", action="store_true", default=None, help="replace the run in --out")
     t("--samples", type=int, default=3, help="held-out prompts answered before/after (0: none)")

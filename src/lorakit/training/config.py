@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
@@ -47,6 +48,7 @@ class TrainConfig:
     train_on_prompt: bool = False  # also put loss on prompt tokens
     skip_bad_lines: bool = False  # skip (and count) malformed data lines instead of failing
     device: str = "auto"  # auto, cpu, cuda
+    memory: str | None = None  # the most memory the run may use ("6GB"); None = what is free
     resume: bool = False
     overwrite: bool = False
     loss_chunk: int = CHUNK  # tokens per chunk of the chunked loss
@@ -55,6 +57,17 @@ class TrainConfig:
     @classmethod
     def keys(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str, flag: str = "--memory") -> int:
+    """'16GB', '16G', '512MiB', '1.5 GiB' -> bytes (binary units, as memory is sold)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
+    if m is None or float(m.group(1)) <= 0:
+        raise LorakitError(f"{flag} {text!r} is not a size; write it like 16GB or 512MB")
+    return int(float(m.group(1)) * UNITS[m.group(2)])
 
 
 def to_json(cfg: TrainConfig) -> str:
@@ -129,6 +142,8 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise LorakitError(message)
+    if cfg.memory is not None:
+        parse_size(cfg.memory)
 
 
 def check_fits_model(cfg: TrainConfig, model: nn.Module, tokenizer: object) -> None:

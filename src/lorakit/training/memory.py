@@ -4,6 +4,7 @@ refusal, before the weights load, when the run cannot fit the device, naming wha
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ from lorakit.lora.targets import (
     resolve_targets,
 )
 from lorakit.quant.linear import free_memory
-from lorakit.training.config import TrainConfig
+from lorakit.training.config import TrainConfig, parse_size
 
 GiB = 2**30
 # Bytes a transformer layer keeps for backward per token and hidden unit in 16 bits, attention
@@ -75,16 +76,34 @@ def estimate(
     )
 
 
-def device_budget(device: torch.device) -> int:
+def device_budget(device: torch.device, cap: int | None = None) -> int:
     """Bytes a run may use on the device: its free memory, within the process's share of a GPU
-    (`torch.cuda.set_per_process_memory_fraction`) where one is set."""
+    (`torch.cuda.set_per_process_memory_fraction`) where one is set, and within `cap` bytes for
+    the whole process (`--memory`) counting what it holds already."""
     free = free_memory(device)
     if device.type == "cuda":
         getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         fraction = getter(device) if getter is not None else 1.0
         total = torch.cuda.get_device_properties(device).total_memory
         free = min(free, int(fraction * total) - torch.cuda.memory_reserved(device))
+    if cap is not None:
+        held = torch.cuda.memory_reserved(device) if device.type == "cuda" else resident_bytes()
+        free = min(free, cap - held)
     return max(free, 0)
+
+
+def run_budget(cfg: TrainConfig, device: torch.device) -> int:
+    """`device_budget` within the run's `--memory`, if it has one."""
+    return device_budget(device, parse_size(cfg.memory) if cfg.memory else None)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _gib(n: int) -> str:

@@ -13,7 +13,6 @@ promise.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -34,13 +33,7 @@ FULL_BYTES = 16  # a fully trained parameter: 16-bit weight and gradient, fp32 m
 def runtime_bytes(device: torch.device) -> int:
     """What the process holds before the model: its resident memory now (CPU; `lorakit train`
     imports what this process has), nothing on a GPU (its peak counts tensors only)."""
-    if device.type != "cpu":
-        return 0
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    return memory.resident_bytes() if device.type == "cpu" else 0
 
 
 def matmul_rate(rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> float:

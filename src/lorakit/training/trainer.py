@@ -97,13 +97,13 @@ def micro_batch_size(
 
 
 def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
-    """`load_model` for cfg, refusing before any weight is read, in one line naming what would
-    fit, a run that cannot fit the device's memory (training.memory.choose)."""
+    """`load_model` for cfg; a run that cannot fit is refused before a weight is read."""
 
     def check(meta: nn.Module) -> None:
-        micro = micro_batch_size(cfg, device, meta)
-        est = memory.estimate(meta, cfg, default_dtype(device), micro)
-        memory.choose(est, memory.device_budget(device), cfg.grad_checkpointing, cfg.cache_weights)
+        est = memory.estimate(meta, cfg, default_dtype(device), micro_batch_size(cfg, device, meta))
+        memory.choose(
+            est, memory.run_budget(cfg, device), cfg.grad_checkpointing, cfg.cache_weights
+        )
 
     return load_model(cfg.model, quant=cfg.quant, device=device, before_weights=check)
 
@@ -171,7 +171,7 @@ def training_setup(
     est = memory.estimate(empty_model(model.config), cfg, dtype, micro, quant)
     checkpointing, cache = memory.choose(
         replace(est, base=0),
-        memory.device_budget(device),
+        memory.run_budget(cfg, device),
         cfg.grad_checkpointing,
         cfg.cache_weights,
     )
