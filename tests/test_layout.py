@@ -13,6 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lorakit"
 FLOORS = {
     "lorakit.errors": 0,
     "lorakit.atomic": 0,
+    "lorakit.heap": 0,
     "lorakit.quant.nf4": 1,
     "lorakit.quant.bnb_format": 1,
     "lorakit.kernels": 2,

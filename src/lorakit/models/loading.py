@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.heap import fix_mmap_threshold
 from lorakit.lora.layer import _set_submodule, is_conv1d
 from lorakit.lora.targets import linear_modules
 from lorakit.models import checkpoint
@@ -339,6 +340,7 @@ def load_model(
     if quant not in ("nf4", "none"):
         raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
     _check_settings(dtype, device, blocksize)
+    fix_mmap_threshold()  # freed activations go back to the system (lorakit/heap.py)
     source = resolve_model(spec)
     dtype = dtype or default_dtype(device)
     config = load_config(source)
