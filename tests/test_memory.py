@@ -136,3 +136,21 @@ def test_train_memory_flag_refuses_before_loading_and_is_checked(tiny_model_dir,
         "lorakit train: error: --memory 'six gigs' is not a size; write it like 16GB or 512MB"
     ]
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_evaluation_leaves_no_kernel_scales_behind(tiny_model_dir):
+    from lorakit.quant.linear import NF4Linear
+    from lorakit.training.loss import evaluate
+
+    model, _, _ = load_model(tiny_model_dir, dtype=torch.float32, with_tokenizer=False)
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        before = model(ids).logits  # a no-grad forward prepares each layer's kernel call
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    assert layers and all("_kernel_weight" in m.__dict__ for m in layers)
+    loss = evaluate(model, [batch], torch.device("cpu"), torch.float32, 64)
+    assert all("_kernel_weight" not in m.__dict__ for m in layers)  # released for the steps
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)  # prepared again, the same results
+    assert loss == evaluate(model, [batch], torch.device("cpu"), torch.float32, 64)

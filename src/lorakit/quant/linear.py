@@ -251,6 +251,15 @@ def decodes_from_codes(model: nn.Module, device: torch.device) -> bool:
     return bool(layers) and all(isinstance(m._kernel(device), KernelWeight) for m in layers)
 
 
+def release_kernels(model: nn.Module) -> None:
+    """Drop each NF4 layer's prepared kernel call: its float32 block scales are 1/16 byte a
+    weight (0.4 GB for a 7B model), which a training step, dequantizing in PyTorch, never
+    uses. The next no-grad forward prepares them again (block scales only: well under 1 s)."""
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            module.__dict__.pop("_kernel_weight", None)
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free on the device. CPU: Linux's MemAvailable (free pages plus the page cache it
     can drop), else free pages; free pages alone swing by gigabytes with recent file reads, and

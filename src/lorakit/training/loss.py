@@ -23,6 +23,7 @@ from torch import nn
 
 from lorakit.kernels.cross_entropy import cross_entropy
 from lorakit.models.packed_attention import attends_by_example, segments_of
+from lorakit.quant.linear import release_kernels
 
 # Labelled tokens per chunk: each chunk's fp32 logits (and their bf16 copy) are the loss's whole
 # footprint, ~75 MB for a 49k vocabulary, and the head's matmuls run as fast as with 1024.
@@ -182,4 +183,5 @@ def evaluate(model: nn.Module, batches: list[dict], device, dtype, chunk: int) -
                 loss_sum, n = causal_lm_loss(model, batch, chunk)
             total, count = total + loss_sum.item(), count + n
     model.train(was_training)
+    release_kernels(model)  # their scales would sit idle through the training steps that follow
     return total / max(count, 1)
