@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_dir(out: Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) for a hidden folder beside `out` (which must be absent or empty), then
+    rename it to `out`; on any failure the folder is removed and a write error is reported
+    with its fix: a directory is either not there or complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the model is not
+    try:
+        write(tmp)
+        if out.is_dir():
+            out.rmdir()  # empty (check_new_dir): rename cannot replace a directory otherwise
+        tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LorakitError(f"could not write {out}: {e.strerror or e}; {fix_for(e)}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -7,13 +7,14 @@ import argparse
 import time
 
 from lorakit.errors import LorakitError
+from lorakit.kernels.bnb_nf4 import BLOCKSIZES
 from lorakit.models.checkpoint import checkpoint_files
 from lorakit.models.loading import resolve_model
 from lorakit.models.quantized import quantize_model
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    if args.blocksize not in (64, 128, 256, 512, 1024, 2048, 4096):
+    if args.blocksize not in BLOCKSIZES:
         raise LorakitError(
             f"--blocksize {args.blocksize}: bitsandbytes reads 64, 128, ... 4096 (a power of 2)"
         )

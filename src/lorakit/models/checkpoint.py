@@ -182,12 +182,13 @@ def tensors(directory: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tens
     fused: dict[str, object] = {}
     every = [entry for file in checkpoint_files(directory) for entry in entries(file)]
     parts: dict[str, dict[str, Entry]] = {}  # a 4-bit weight's key -> its tensors by suffix
+    plain = []
     for entry in every:
         if m := PART.match(entry.key):
             parts.setdefault(m["weight"], {})[m["part"]] = entry
-    for entry in every:
-        if PART.match(entry.key):
-            continue
+        else:
+            plain.append(entry)
+    for entry in plain:
         name, pattern = rename_source_key(entry.key, renamings, converters, prefix, expected)
         if name not in expected and entry.key in expected:
             name, pattern = entry.key, None  # a key already right must not be renamed

@@ -16,14 +16,13 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lorakit.atomic import check_new_dir, fix_for
+from lorakit.atomic import atomic_dir, check_new_dir
 from lorakit.errors import LorakitError
 from lorakit.kernels import nf4_backend
 from lorakit.lora.layer import is_conv1d, is_linear_like
@@ -179,26 +178,5 @@ def quantize_model(
         if source.kind == "hf" and (source.path / "generation_config.json").is_file():
             shutil.copy(source.path / "generation_config.json", directory)
 
-    _into_new_dir(out, write)
+    atomic_dir(out, write)
     return out
-
-
-def _into_new_dir(out: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) for a hidden folder beside `out`, then rename it to `out`; on any
-    failure the folder is removed and a write error is reported with its fix."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the model is not
-    try:
-        write(tmp)
-        if out.is_dir():
-            out.rmdir()  # empty (check_new_dir): rename cannot replace a directory otherwise
-        tmp.rename(out)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LorakitError(f"could not write {out}: {e.strerror or e}; {fix_for(e)}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
