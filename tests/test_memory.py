@@ -154,3 +154,16 @@ def test_evaluation_leaves_no_kernel_scales_behind(tiny_model_dir):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)  # prepared again, the same results
     assert loss == evaluate(model, [batch], torch.device("cpu"), torch.float32, 64)
+
+
+def test_a_base_that_fits_only_on_disk_streams_from_its_4bit_file_or_is_told_how():
+    parts = dict(base=1000, adapter=10, activations=1000, checkpointed=50, loss=20, codes=900)
+    # the leanest run: 1080, of which 900 are 4-bit codes; all but them: 180
+    with pytest.raises(LorakitError, match="lorakit quantize MODEL --out DIR"):
+        memory.choose(_est(**parts), 500, "auto", "auto")  # quantized while loading: in memory
+    streamed = _est(**parts, mapped=True)  # a 4-bit checkpoint: the codes can stay on disk
+    assert memory.choose(streamed, 500, "auto", "auto") == (True, False)
+    assert "read from disk" in memory.streaming_note(streamed, 500)
+    assert memory.streaming_note(streamed, 2_000) is None  # it all fits in memory
+    with pytest.raises(LorakitError, match="needs at least 0.0 GiB with the 4-bit weights read"):
+        memory.choose(streamed, 150, "auto", "auto")  # not even the rest fits

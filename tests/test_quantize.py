@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.models import quantized
 from lorakit.models.checkpoint import entries
-from lorakit.models.loading import load_model
+from lorakit.models.loading import empty_model, load_model
 from lorakit.models.quantized import quantize_model, write_safetensors
 from lorakit.quant.linear import NF4Linear
+from lorakit.training import memory
+from lorakit.training.config import TrainConfig
 
 bnbf = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is not installed")
 
@@ -221,3 +224,65 @@ def test_a_4bit_tensor_of_the_wrong_size_is_named(tiny_model_dir, tmp_path):
     write_safetensors(file, tensors)
     with pytest.raises(LorakitError, match=f"tensor {name} holds .* bytes"):
         load_model(out, with_tokenizer=False)
+
+
+def mapped_file(address: int) -> str | None:
+    """The file whose mapping holds `address` in this process (/proc/self/maps), else None."""
+    with open("/proc/self/maps") as f:
+        lines = f.readlines()
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        if start <= address < end:
+            path = fields[5].strip() if len(fields) == 6 else ""
+            return path if path.startswith("/") else None  # not [heap], [stack]...
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_4bit_codes_stay_in_their_file_and_the_memory_estimate_knows(tiny_model_dir, tmp_path):
+    out = quantize_model(tiny_model_dir, tmp_path / "nf4", shard_bytes=20_000)
+    model, _, _ = load_model(out, dtype=torch.float32, with_tokenizer=False)
+    shards = {str(p.resolve()) for p in out.glob("*.safetensors")}
+    for name, layer in nf4_layers(model).items():
+        assert mapped_file(layer.packed.data_ptr()) in shards, name  # a view of the file
+        assert mapped_file(layer.absmax.data_ptr()) is None, name  # the scales are read
+    plain, _, _ = load_model(tiny_model_dir, dtype=torch.float32, with_tokenizer=False)
+    for name, layer in nf4_layers(plain).items():  # quantized here: in memory
+        assert mapped_file(layer.packed.data_ptr()) is None, name
+
+    cfg = TrainConfig(seq_len=64)
+    mapped = memory.estimate(empty_model(model.config), cfg, torch.float32, 1)
+    in_memory = memory.estimate(empty_model(plain.config), cfg, torch.float32, 1)
+    codes = sum(m.packed.numel() for m in nf4_layers(model).values())
+    assert mapped.mapped and not in_memory.mapped
+    assert mapped.codes == in_memory.codes == codes
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_train_streams_a_4bit_base_bigger_than_its_memory(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    from lorakit.models.loading import load_config, resolve_model
+    from lorakit.models.precision import default_dtype
+
+    out = quantize_model(tiny_model_dir, tmp_path / "nf4")
+    cfg = TrainConfig(model=str(out), seq_len=64, batch_size=1)
+    meta = empty_model(load_config(resolve_model(out)))
+    est = memory.estimate(meta, cfg, default_dtype("cpu"), 1)
+    lean = est.total(checkpointing=True, cache=False)
+    # room for all but half the codes: refused if they were in memory, streamed from the file
+    monkeypatch.setattr(memory, "device_budget", lambda device, cap=None: lean - est.codes // 2)
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"instruction": "Hi", "output": "yo " * 9}) + "\n" for _ in range(4))
+    )
+    argv = ["train", "--model", str(out), "--data", str(data), "--out", str(tmp_path / "run")]
+    assert (
+        main([*argv, "--steps", "1", "--seq-len", "64", "--batch-size", "1", "--device", "cpu"])
+        == 0
+    )
+    said = capsys.readouterr().out
+    assert "do not all fit" in said and "read from disk" in said
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()

@@ -10,10 +10,13 @@ a time, so that loading stays at the size of the quantized model.
 
 Order: plain tensors are yielded in file order as they are read; a converted target (a fused
 expert tensor) once all its pieces are in, which holds one target's pieces in memory at a time.
-Only safetensors are read, with plain reads rather than a memory map: pages of a mapped file
-stay resident until the file is closed, so mapping a 2.3 GB checkpoint made the load peak 2 GB
-higher than the NF4 model it builds. A sharded checkpoint's index names its files, each of
-which must be there.
+Only safetensors are read. Tensors that are converted (to NF4, to the compute dtype) are read
+with plain reads: pages of a mapped file stay resident until the file is closed, so mapping a
+2.3 GB checkpoint made the load peak 2 GB higher than the NF4 model it builds. The 4-bit codes
+of a checkpoint stored in 4 bits are kept as they are, so they stay in the file: memory-mapped,
+read when a layer first runs, and (clean file pages) dropped again by the kernel when memory
+runs short, which is how a base bigger than the machine's memory trains, read from disk layer
+by layer. A sharded checkpoint's index names its files, each of which must be there.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -76,6 +80,19 @@ class Entry:
                     f"{self.file} is truncated (tensor {self.key}); download it again"
                 )
         return data.view(self.dtype).reshape(self.shape)
+
+    def map(self) -> torch.Tensor:
+        """The tensor as a view of the file, mapped copy-on-write: nothing is read until it is
+        used, and its pages, never written, stay the kernel's to drop and read again."""
+        base = self.start - self.start % mmap.ALLOCATIONGRANULARITY
+        with open(self.file, "rb") as f:
+            view = mmap.mmap(
+                f.fileno(), self.start + self.nbytes - base, access=mmap.ACCESS_COPY, offset=base
+            )
+        data = torch.frombuffer(
+            view, dtype=torch.uint8, count=self.nbytes, offset=self.start - base
+        )
+        return data.view(self.dtype).reshape(self.shape)  # the tensor keeps the mapping alive
 
 
 def entries(file: Path) -> list[Entry]:
@@ -145,10 +162,11 @@ def _transforms(model: nn.Module) -> tuple[list, list]:
 
 def _nf4_state(entry: Entry, parts: dict[str, Entry], name: str, expected: tuple) -> NF4State:
     """A bitsandbytes 4-bit weight as our NF4State, its shape checked against the model's
-    (which holds it as (out, in), or (in, out) for GPT-2's Conv1D)."""
+    (which holds it as (out, in), or (in, out) for GPT-2's Conv1D). The codes stay in the file
+    (`Entry.map`); the scales, 1/32 of their size, are read."""
     try:
         read = {part: e.read() for part, e in parts.items()}
-        state = state_from_tensors(entry.key, {"": entry.read(), **read})
+        state = state_from_tensors(entry.key, {"": entry.map(), **read})
     except LorakitError as e:
         raise LorakitError(f"{entry.file}: {e}") from None
     if tuple(state.shape) not in (tuple(expected), tuple(expected[::-1])):

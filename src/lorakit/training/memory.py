@@ -18,6 +18,7 @@ from lorakit.lora.targets import (
     lora_param_count,
     resolve_targets,
 )
+from lorakit.quant.bnb_format import is_prequantized
 from lorakit.quant.linear import free_memory
 from lorakit.training.config import TrainConfig, parse_size
 
@@ -38,6 +39,8 @@ class MemoryEstimate:
     activations: int  # what one micro-batch keeps for backward without checkpointing
     checkpointed: int  # the same with checkpointing: each layer's input, one layer's whole
     loss: int  # a chunk of logits in fp32 and its gradient
+    codes: int = 0  # of base: the NF4 linear layers' 4-bit codes
+    mapped: bool = False  # the codes stay in a checkpoint stored in 4 bits, memory-mapped
 
     def total(self, checkpointing: bool, cache: bool) -> int:
         kept = self.checkpointed if checkpointing else self.activations
@@ -66,6 +69,7 @@ def estimate(
     text = model.config.get_text_config()
     hidden, layers = text.hidden_size, text.num_hidden_layers
     per_layer = tokens * hidden * ACTIVATION_BYTES * size // 2
+    nf4 = quant == "nf4"
     return MemoryEstimate(
         base=base,
         cache=linear * size if quant == "nf4" else 0,
@@ -73,6 +77,8 @@ def estimate(
         activations=layers * per_layer,
         checkpointed=layers * tokens * hidden * size + per_layer,
         loss=2 * min(cfg.loss_chunk, tokens) * text.vocab_size * 4,
+        codes=linear // 2 if nf4 else 0,
+        mapped=nf4 and is_prequantized(model.config, "the model"),
     )
 
 
@@ -110,6 +116,28 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
+def streaming_note(est: MemoryEstimate, budget: int) -> str | None:
+    """What to tell the user when the run's leanest settings fit `budget` only with the 4-bit
+    codes left in their file, read from disk as each layer runs (and dropped by the kernel
+    again when memory runs short); None when they fit in memory."""
+    if not est.mapped or est.total(checkpointing=True, cache=False) <= budget:
+        return None
+    return (
+        f"the 4-bit weights ({_gib(est.codes)}) do not all fit in the {_gib(budget)} free: "
+        "they stay in the checkpoint's files and are read from disk as the layers run, so "
+        "each step takes at least the time to read them"
+    )
+
+
+def check_run(est: MemoryEstimate, cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a run that cannot fit its budget (`choose`), before any weight is read; say so
+    when it fits only with the 4-bit weights read from disk."""
+    budget = run_budget(cfg, device)
+    choose(est, budget, cfg.grad_checkpointing, cfg.cache_weights)
+    if note := streaming_note(est, budget):
+        print(note)
+
+
 def choose(
     est: MemoryEstimate, budget: int, grad_checkpointing: str, cache_weights: str
 ) -> tuple[bool, bool]:
@@ -120,11 +148,21 @@ def choose(
     when a setting that was asked for, or the leanest run, does not fit."""
     where = f"the {_gib(budget)} free"
     lean = est.total(checkpointing=True, cache=False)
-    if lean > budget:
+    need = lean - est.codes if est.mapped else lean  # mapped codes can stay on disk
+    if need > budget:
+        if est.mapped or lean - est.codes > budget:
+            fix = "use a smaller --micro-batch or --seq-len, or a smaller model"
+        else:  # it would train with the codes left in a 4-bit checkpoint, read from disk
+            fix = (
+                f"all but the 4-bit weights ({_gib(est.codes)}) would fit, and those can be "
+                "read from disk as the layers run: write the model in 4 bits once with "
+                "`lorakit quantize MODEL --out DIR` and train DIR"
+            )
+        streamed = " with the 4-bit weights read from disk" if est.mapped else ""
         raise LorakitError(
-            f"this run needs at least {_gib(lean)} (base {_gib(est.base)}, activations with "
-            f"checkpointing {_gib(est.checkpointed)}) and {where} are not enough; use a smaller "
-            "--micro-batch or --seq-len, or a smaller model"
+            f"this run needs at least {_gib(need)}{streamed} (base {_gib(est.base)}, "
+            f"activations with checkpointing {_gib(est.checkpointed)}) and {where} are not "
+            f"enough; {fix}"
         )
     rest = budget - lean + est.checkpointed  # what the activations may take
     full = est.total(checkpointing=False, cache=False)

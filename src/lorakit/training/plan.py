@@ -70,7 +70,9 @@ def make_plan(
             est, max(budget - runtime, 0), cfg.grad_checkpointing, cfg.cache_weights
         )
         fits, why = True, ""
+        streaming = memory.streaming_note(est, max(budget - runtime, 0))
     except LorakitError as e:
+        streaming = None
         checkpointing, cache = True, False
         fits, why = False, str(e)
     peak = est.total(checkpointing, cache) + runtime
@@ -110,6 +112,7 @@ def make_plan(
             "targets": cfg.targets or "default",
             "grad_checkpointing": checkpointing,
             "cache_weights": cache,
+            "weights_from_disk": streaming is not None,
         },
         "memory_bytes": {
             "runtime": runtime,
@@ -167,7 +170,10 @@ def format_plan(plan: dict, title: str) -> str:
         f"Same run as LoRA over a 16-bit base: {alt['lora_16bit'] / gib:.2f} GiB; "
         f"a full fine-tune: {alt['full_finetune'] / gib:.2f} GiB.",
     ]
-    if plan["fits"]:
+    if plan["fits"] and s["weights_from_disk"]:
+        out.append("It fits with the 4-bit weights read from disk as the layers run: each step")
+        out.append("takes at least the time to read them (the estimate below leaves that out).")
+    elif plan["fits"]:
         out.append("It fits.")
     else:
         out.append(f"It does not fit: {plan['why_not']}")

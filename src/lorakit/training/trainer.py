@@ -101,9 +101,7 @@ def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module
 
     def check(meta: nn.Module) -> None:
         est = memory.estimate(meta, cfg, default_dtype(device), micro_batch_size(cfg, device, meta))
-        memory.choose(
-            est, memory.run_budget(cfg, device), cfg.grad_checkpointing, cfg.cache_weights
-        )
+        memory.check_run(est, cfg, device)
 
     return load_model(cfg.model, quant=cfg.quant, device=device, before_weights=check)
 
