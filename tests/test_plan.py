@@ -94,3 +94,37 @@ def test_plan_bad_input_is_one_line(config_only, capsys, argv, says):
     assert main(["plan", str(config_only), "--no-calibrate", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
+
+
+def test_plan_of_a_4bit_checkpoint_bigger_than_memory_reads_its_weights_from_disk(
+    config_only, tmp_path, capsys, monkeypatch
+):
+    from lorakit.quant.bnb_format import quantization_config
+    from lorakit.training import plan
+
+    monkeypatch.setattr(plan, "runtime_bytes", lambda device: 300 * 2**20)
+    in_memory = _plan(capsys, str(config_only), *FLAGS, "--memory", "64GB")
+    stored = tmp_path / "nf4"
+    stored.mkdir()
+    config = json.loads((config_only / "config.json").read_text())
+    config["quantization_config"] = quantization_config(torch.float32, ["lm_head"])
+    (stored / "config.json").write_text(json.dumps(config))
+    assert not in_memory["settings"]["weights_from_disk"]
+    lean = in_memory["leanest_bytes"]
+    codes = (
+        sum(
+            p.numel()
+            for n, p in tiny_model("llama").named_parameters()
+            if "layers" in n and p.dim() == 2
+        )
+        // 2
+    )
+    # Room for all but half the 4-bit codes: a 16-bit checkpoint is refused, naming the fix...
+    squeezed = ["--memory", f"{lean - codes // 2}B"]
+    refused = _plan(capsys, str(config_only), *FLAGS, *squeezed)
+    assert not refused["fits"] and "lorakit quantize" in refused["why_not"]
+    # ...a 4-bit one trains with its codes read from disk as the layers run.
+    streamed = _plan(capsys, str(stored), *FLAGS, *squeezed)
+    assert streamed["fits"] and streamed["settings"]["weights_from_disk"]
+    assert main(["plan", str(stored), *FLAGS, *squeezed]) == 0
+    assert "read from disk" in capsys.readouterr().out
