@@ -5,7 +5,7 @@ own process, with the same settings.
         [--memory 6GB] [--eval-data FILE]
 
 For each model: `lorakit plan --json` (predicted peak, tokens/s), then `lorakit train` for a few
-steps on the embedded data; its peak resident memory is its VmHWM, sampled with the peaks of
+steps on the embedded data; its peak resident memory is its ru_maxrss, with the peaks of
 its anonymous and file-backed parts (a 4-bit checkpoint's codes are memory-mapped: file pages
 the kernel drops again under memory pressure) and the bytes it read from disk. `--memory`
 goes to both (train's auto settings follow it); `--eval-data` (a file of one example, say)
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -35,7 +36,7 @@ def _proc(pid: int, name: str, key: str) -> int:
 
 
 def run_train(model: str, flags: list[str], steps: int) -> dict:
-    """`lorakit train` for `steps` steps: its peak RSS (VmHWM), the peaks of its anonymous and
+    """`lorakit train` for `steps` steps: its peak RSS (ru_maxrss), the peaks of its anonymous and
     file-backed (memory-mapped 4-bit codes) parts sampled every 0.2 s, the bytes it read from
     disk, tokens/s and seconds a step."""
     with tempfile.TemporaryDirectory() as out:
@@ -44,15 +45,15 @@ def run_train(model: str, flags: list[str], steps: int) -> dict:
         got = {"peak": 0, "anon": 0, "file": 0, "read": 0}
         with tempfile.TemporaryFile("w+") as log:
             child = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, text=True)
-            while child.poll() is None:
-                got["peak"] = max(got["peak"], _proc(child.pid, "status", "VmHWM"))
+            while not (ended := os.wait4(child.pid, os.WNOHANG))[0]:
                 got["anon"] = max(got["anon"], _proc(child.pid, "status", "RssAnon"))
                 got["file"] = max(got["file"], _proc(child.pid, "status", "RssFile"))
                 got["read"] = max(got["read"], _proc(child.pid, "io", "read_bytes"))
                 time.sleep(0.2)
+            got["peak"] = ended[2].ru_maxrss * 1024  # the kernel's own peak, not a sample
             log.seek(0)
             text = log.read()
-    if child.returncode != 0 or "done:" not in text:
+    if os.waitstatus_to_exitcode(ended[1]) != 0 or "done:" not in text:
         raise SystemExit(f"lorakit train failed:\n{text[-2000:]}")
     done = re.search(r"done: (\d+) steps, (\d+)s, .*?([0-9.]+) tok/s", text)
     got["speed"] = float(done.group(3)) if done else None

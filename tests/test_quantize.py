@@ -257,6 +257,8 @@ def test_4bit_codes_stay_in_their_file_and_the_memory_estimate_knows(tiny_model_
     in_memory = memory.estimate(empty_model(plain.config), cfg, torch.float32, 1)
     codes = sum(m.packed.numel() for m in nf4_layers(model).values())
     assert mapped.mapped and not in_memory.mapped
+    on_gpu = memory.estimate(empty_model(model.config), cfg, torch.float32, 1, device="cuda")
+    assert not on_gpu.mapped  # a GPU holds its own copy of the codes
     assert mapped.codes == in_memory.codes == codes
 
 

@@ -81,18 +81,20 @@ class Entry:
                 )
         return data.view(self.dtype).reshape(self.shape)
 
-    def map(self) -> torch.Tensor:
-        """The tensor as a view of the file, mapped copy-on-write: nothing is read until it is
-        used, and its pages, never written, stay the kernel's to drop and read again."""
-        base = self.start - self.start % mmap.ALLOCATIONGRANULARITY
-        with open(self.file, "rb") as f:
-            view = mmap.mmap(
-                f.fileno(), self.start + self.nbytes - base, access=mmap.ACCESS_COPY, offset=base
-            )
+    def map(self, maps: dict[Path, mmap.mmap]) -> torch.Tensor:
+        """The tensor as a view of its file, mapped once per file (`maps`) copy-on-write:
+        nothing is read until it is used, and its pages, never written, stay the kernel's to
+        drop and read again. The tensor keeps the mapping alive."""
+        if self.file not in maps:
+            try:
+                with open(self.file, "rb") as f:
+                    maps[self.file] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise LorakitError(f"cannot map {self.file} ({e}); is it readable?") from None
         data = torch.frombuffer(
-            view, dtype=torch.uint8, count=self.nbytes, offset=self.start - base
+            maps[self.file], dtype=torch.uint8, count=self.nbytes, offset=self.start
         )
-        return data.view(self.dtype).reshape(self.shape)  # the tensor keeps the mapping alive
+        return data.view(self.dtype).reshape(self.shape)
 
 
 def entries(file: Path) -> list[Entry]:
@@ -160,13 +162,15 @@ def _transforms(model: nn.Module) -> tuple[list, list]:
     return renamings, converters
 
 
-def _nf4_state(entry: Entry, parts: dict[str, Entry], name: str, expected: tuple) -> NF4State:
+def _nf4_state(
+    entry: Entry, parts: dict[str, Entry], name: str, expected: tuple, maps: dict
+) -> NF4State:
     """A bitsandbytes 4-bit weight as our NF4State, its shape checked against the model's
     (which holds it as (out, in), or (in, out) for GPT-2's Conv1D). The codes stay in the file
     (`Entry.map`); the scales, 1/32 of their size, are read."""
     try:
         read = {part: e.read() for part, e in parts.items()}
-        state = state_from_tensors(entry.key, {"": entry.map(), **read})
+        state = state_from_tensors(entry.key, {"": entry.map(maps), **read})
     except LorakitError as e:
         raise LorakitError(f"{entry.file}: {e}") from None
     if tuple(state.shape) not in (tuple(expected), tuple(expected[::-1])):
@@ -198,6 +202,7 @@ def tensors(directory: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tens
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     prefix = model.base_model_prefix
     fused: dict[str, object] = {}
+    maps: dict[Path, mmap.mmap] = {}  # each file's mapping, for the 4-bit codes
     every = [entry for file in checkpoint_files(directory) for entry in entries(file)]
     parts: dict[str, dict[str, Entry]] = {}  # a 4-bit weight's key -> its tensors by suffix
     plain = []
@@ -213,7 +218,7 @@ def tensors(directory: Path, model: nn.Module) -> Iterator[tuple[str, torch.Tens
         if name not in expected:
             continue
         if entry.key in parts:
-            yield name, _nf4_state(entry, parts[entry.key], name, expected[name])
+            yield name, _nf4_state(entry, parts[entry.key], name, expected[name], maps)
         elif pattern is None:
             _check_shape(entry, name, entry.shape, expected[name])
             yield name, entry.read()

@@ -48,10 +48,16 @@ class MemoryEstimate:
 
 
 def estimate(
-    model: nn.Module, cfg: TrainConfig, dtype: torch.dtype, micro: int, quant: str | None = None
+    model: nn.Module,
+    cfg: TrainConfig,
+    dtype: torch.dtype,
+    micro: int,
+    quant: str | None = None,
+    device: torch.device | str = "cpu",
 ) -> MemoryEstimate:
     """The estimate for training `model` (its weights on meta: `models.loading.empty_model`) as
-    `cfg` says, `micro` sequences a pass, the base stored as `quant` (default cfg.quant)."""
+    `cfg` says on `device`, `micro` sequences a pass, the base stored as `quant` (default
+    cfg.quant)."""
     quant = quant or cfg.quant
     tokens = micro * cfg.seq_len
     size = torch.empty(0, dtype=dtype).element_size()
@@ -78,8 +84,19 @@ def estimate(
         checkpointed=layers * tokens * hidden * size + per_layer,
         loss=2 * min(cfg.loss_chunk, tokens) * text.vocab_size * 4,
         codes=linear // 2 if nf4 else 0,
-        mapped=nf4 and is_prequantized(model.config, "the model"),
+        mapped=nf4 and torch.device(device).type == "cpu" and _codes_in_file(model),
     )
+
+
+def _codes_in_file(model: nn.Module) -> bool:
+    """Whether every linear layer lorakit quantizes comes from the checkpoint in 4 bits, so its
+    codes stay memory-mapped (a layer the checkpoint keeps in 16 bits, listed in its
+    `llm_int8_skip_modules`, is quantized in memory instead)."""
+    if not is_prequantized(model.config, "the model's config.json"):
+        return False
+    qc = model.config.quantization_config
+    skipped = (qc if isinstance(qc, dict) else qc.to_dict()).get("llm_int8_skip_modules") or []
+    return not any(key in name for name in linear_modules(model) for key in skipped)
 
 
 def device_budget(device: torch.device, cap: int | None = None) -> int:
@@ -124,8 +141,8 @@ def streaming_note(est: MemoryEstimate, budget: int) -> str | None:
         return None
     return (
         f"the 4-bit weights ({_gib(est.codes)}) do not all fit in the {_gib(budget)} free: "
-        "they stay in the checkpoint's files and are read from disk as the layers run, so "
-        "each step takes at least the time to read them"
+        "they stay in the checkpoint's files, memory-mapped, and what memory cannot hold is "
+        "read from disk again as the layers run (up to three times a step)"
     )
 
 
@@ -159,8 +176,9 @@ def choose(
                 "`lorakit quantize MODEL --out DIR` and train DIR"
             )
         streamed = " with the 4-bit weights read from disk" if est.mapped else ""
+        base = est.base - est.codes if est.mapped else est.base
         raise LorakitError(
-            f"this run needs at least {_gib(need)}{streamed} (base {_gib(est.base)}, "
+            f"this run needs at least {_gib(need)}{streamed} (base {_gib(base)}, "
             f"activations with checkpointing {_gib(est.checkpointed)}) and {where} are not "
             f"enough; {fix}"
         )

@@ -63,7 +63,7 @@ def make_plan(
     """The plan for training `model` (on meta) as `cfg` says within `budget` bytes."""
     runtime = runtime_bytes(device)
     micro = micro_batch_size(cfg, device, model, dtype)
-    est = memory.estimate(model, cfg, dtype, micro)
+    est = memory.estimate(model, cfg, dtype, micro, device=device)
     lean = est.total(checkpointing=True, cache=False) + runtime
     try:
         checkpointing, cache = memory.choose(

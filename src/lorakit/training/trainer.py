@@ -100,7 +100,8 @@ def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module
     """`load_model` for cfg; a run that cannot fit is refused before a weight is read."""
 
     def check(meta: nn.Module) -> None:
-        est = memory.estimate(meta, cfg, default_dtype(device), micro_batch_size(cfg, device, meta))
+        micro = micro_batch_size(cfg, device, meta)
+        est = memory.estimate(meta, cfg, default_dtype(device), micro, device=device)
         memory.check_run(est, cfg, device)
 
     return load_model(cfg.model, quant=cfg.quant, device=device, before_weights=check)
@@ -168,7 +169,7 @@ def training_setup(
     quant = "nf4" if any(isinstance(m, NF4Linear) for m in model.modules()) else "none"
     est = memory.estimate(empty_model(model.config), cfg, dtype, micro, quant)
     checkpointing, cache = memory.choose(
-        replace(est, base=0),
+        replace(est, base=0, codes=0, mapped=False),  # the base is loaded: none of it counts
         memory.run_budget(cfg, device),
         cfg.grad_checkpointing,
         cfg.cache_weights,
