@@ -58,7 +58,7 @@ def estimate(
     """The estimate for training `model` (its weights on meta: `models.loading.empty_model`) as
     `cfg` says on `device`, `micro` sequences a pass, the base stored as `quant` (default
     cfg.quant)."""
-    quant = quant or cfg.quant
+    nf4 = (quant or cfg.quant) == "nf4"
     tokens = micro * cfg.seq_len
     size = torch.empty(0, dtype=dtype).element_size()
     total = sum(p.numel() for p in model.parameters())
@@ -69,16 +69,15 @@ def estimate(
     tables = len(linears) + len(experts)  # NF4Experts keep one code table for all experts
     # NF4: the codes and block scales, plus each matrix's 256-entry table of the scales' code
     four_bit = linear + expert
-    stored = int(four_bit * NF4_BITS / 8) + 1024 * tables if quant == "nf4" else four_bit * size
+    stored = int(four_bit * NF4_BITS / 8) + 1024 * tables if nf4 else four_bit * size
     base = stored + (total - four_bit) * size
     selected, _ = resolve_targets(model, cfg.targets)
     text = model.config.get_text_config()
     hidden, layers = text.hidden_size, text.num_hidden_layers
     per_layer = tokens * hidden * ACTIVATION_BYTES * size // 2
-    nf4 = quant == "nf4"
     return MemoryEstimate(
         base=base,
-        cache=linear * size if quant == "nf4" else 0,
+        cache=linear * size if nf4 else 0,
         adapter=lora_param_count(model, selected, cfg.rank) * ADAPTER_BYTES,
         activations=layers * per_layer,
         checkpointed=layers * tokens * hidden * size + per_layer,
