@@ -11,7 +11,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora.combine import combine_adapters
 from lorakit.lora.library import adapter_library
 from lorakit.models.loading import resolve_model
-from lorakit.models.merge import merge_into_base
+from lorakit.models.merge import merge_into_base, merge_quant
 from lorakit.models.precision import resolve_device
 
 
@@ -28,8 +28,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
             "adapter add --weights W1,W2,..."
         )
     device = resolve_device(args.device)
-    merge_into_base(args.model, args.adapter[0], args.out, args.quant, device)
-    base = "its NF4-rounded base" if args.quant == "nf4" else args.model
+    quant = merge_quant(args.adapter[0], args.quant)
+    merge_into_base(args.model, args.adapter[0], args.out, quant, device)
+    base = "its NF4-rounded base" if quant == "nf4" else args.model
     print(f"merged {args.adapter[0]} into {base}: a transformers model in {args.out}")
 
 

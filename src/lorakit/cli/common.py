@@ -88,5 +88,10 @@ def load_with_adapters(args: argparse.Namespace) -> tuple[nn.Module, Any, ModelS
         config = load_adapter(model, path, name=name)
         if config.base_model and config.base_model != source.name:
             warn(f"adapter {name} was trained on {config.base_model}, not {source.name}")
+        if config.init == "loftq" and args.quant != "nf4":
+            warn(
+                f"adapter {name} is a LoftQ adapter, made for the NF4 base: on this 16-bit base "
+                "it corrects an error the base does not have; use --quant nf4"
+            )
         names.append(name)
     return model, tokenizer, source, names

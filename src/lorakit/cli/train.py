@@ -170,6 +170,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t("--dropout", type=float, help="LoRA dropout (default 0)")
     t("--use-rslora", action="store_true", default=None, help="rank-stabilised LoRA scaling")
     t("--targets", help="default, all-linear, names (q_proj,v_proj) or re:REGEX")
+    t(
+        "--init",
+        choices=["default", "loftq"],
+        help="adapter init: default (PEFT's, B = 0) or loftq (from the SVD of the NF4 base's "
+        "error: starts nearer the 16-bit model; reads the 16-bit weights once more)",
+    )
     t("--steps", type=int, help="optimizer steps (default: --epochs; 30 on the embedded data)")
     t("--epochs", type=float, help="passes over the data when --steps is not given (default 1)")
     t("--batch-size", type=int, help="packed sequences per batch (default 4)")
@@ -183,6 +189,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t("--seq-len", type=int, help="tokens per packed sequence (default 512)")
     t("--lr", type=float, help="peak learning rate (default 2e-4; 1e-3 for the 30-step demo)")
     t("--warmup", type=float, help="warmup steps, or a fraction of all steps if < 1")
+    t(
+        "--schedule",
+        choices=["cosine", "linear", "constant"],
+        help="learning rate after warmup: cosine (default) or linear decay to 0, or constant",
+    )
     t("--eval-every", type=int, help="steps between eval losses (default: start and end)")
     t("--save-every", type=int, help="steps between checkpoints (default 50)")
     t("--seed", type=int, help="random seed (default 0)")

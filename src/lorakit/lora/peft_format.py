@@ -31,12 +31,19 @@ from lorakit.lora.layer import (
     layer_features,
     lora_layers,
 )
-from lorakit.lora.targets import experts_weights, matches
+from lorakit.lora.targets import experts_weights, matches, pattern_value, read_patterns
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+
+
+def is_loftq(d: dict) -> bool:
+    """Whether an adapter_config.json dict is a LoftQ adapter's: PEFT's own (init_lora_weights
+    "loftq") or lorakit's, which keeps init_lora_weights true (PEFT's "loftq" would run LoftQ
+    again, changing the base, as it loads the adapter) and records LoftQ in `loftq_config`."""
+    return d.get("init_lora_weights") == "loftq" or bool(d.get("loftq_config"))
 
 
 @dataclass
@@ -53,6 +60,7 @@ class AdapterConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_parameters: list[str] = field(default_factory=list)  # fused expert weights
+    init: str = "default"  # "loftq": trained from the NF4 base's error (belongs to that base)
 
     def to_peft(self) -> dict:
         targets = self.target_modules
@@ -75,6 +83,9 @@ class AdapterConfig:
             "use_dora": False,
             "inference_mode": True,
             "revision": None,
+            # LoftQ's settings in PEFT's terms (4-bit NF4, one SVD): the adapter belongs to
+            # the NF4 base. PEFT ignores them when it loads the adapter, and warns that it does.
+            "loftq_config": {"loftq_bits": 4, "loftq_iter": 1} if self.init == "loftq" else {},
         }
 
     @classmethod
@@ -119,43 +130,21 @@ class AdapterConfig:
             target_modules=d.get("target_modules") or [],
             base_model=d.get("base_model_name_or_path"),
             fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
-            rank_pattern=_patterns(d.get("rank_pattern"), int),
-            alpha_pattern=_patterns(d.get("alpha_pattern"), float),
+            rank_pattern=read_patterns(d.get("rank_pattern"), int),
+            alpha_pattern=read_patterns(d.get("alpha_pattern"), float),
             target_parameters=parameters,
+            init="loftq" if is_loftq(d) else "default",
         )
 
     def alpha_for(self, module_name: str) -> float:
         """PEFT's alpha_pattern: the first pattern that matches the end of the name wins."""
-        alpha = _pattern_value(self.alpha_pattern, module_name)
+        alpha = pattern_value(self.alpha_pattern, module_name)
         return self.alpha if alpha is None else float(alpha)
 
     def rank_for(self, module_name: str) -> int:
         """PEFT's rank_pattern, matched as alpha_pattern is."""
-        rank = _pattern_value(self.rank_pattern, module_name)
+        rank = pattern_value(self.rank_pattern, module_name)
         return self.rank if rank is None else int(rank)
-
-
-def _patterns(patterns: object, kind: type) -> dict:
-    """A rank_pattern / alpha_pattern read from JSON: {regex: number}; ValueError if not."""
-    if not patterns:
-        return {}
-    if not isinstance(patterns, dict):
-        raise ValueError(f"a pattern table must be an object, got {type(patterns).__name__}")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"pattern {pattern!r} is not a regular expression ({e})") from None
-    return {str(k): kind(v) for k, v in patterns.items()}
-
-
-def _pattern_value(patterns: dict, module_name: str) -> object | None:
-    """The value of the first pattern that matches the end of `module_name` (a whole dotted
-    part or more), as PEFT's get_pattern_key does; None if none does."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
-            return value
-    return None
 
 
 def lora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
@@ -292,7 +281,7 @@ def group_weights(
         expected = config.rank_for(module_name)
         if a.shape[0] != expected and module_name not in renames.values():
             said = (
-                "r" if _pattern_value(config.rank_pattern, module_name) is None else "rank_pattern"
+                "r" if pattern_value(config.rank_pattern, module_name) is None else "rank_pattern"
             )
             raise LorakitError(
                 f"{where}: {module_name} has rank {a.shape[0]} in its tensors but {CONFIG_NAME} "

@@ -286,3 +286,26 @@ def lora_param_count(model: nn.Module, module_names: Sequence[str], rank: int) -
 
 def candidate_dicts(model: nn.Module) -> list[dict]:
     return [asdict(c) for c in candidates(model)]
+
+
+def read_patterns(patterns: object, kind: type) -> dict:
+    """A rank_pattern / alpha_pattern read from JSON: {regex: number}; ValueError if not."""
+    if not patterns:
+        return {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"a pattern table must be an object, got {type(patterns).__name__}")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {pattern!r} is not a regular expression ({e})") from None
+    return {str(k): kind(v) for k, v in patterns.items()}
+
+
+def pattern_value(patterns: dict, module_name: str) -> object | None:
+    """The value of the first pattern that matches the end of `module_name` (a whole dotted
+    part or more), as PEFT's get_pattern_key does; None if none does."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return None

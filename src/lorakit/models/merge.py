@@ -13,7 +13,7 @@ from torch import nn
 from lorakit.atomic import check_new_dir
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import is_conv1d, merge_lora
-from lorakit.lora.peft_format import load_adapter
+from lorakit.lora.peft_format import load_adapter, read_adapter
 from lorakit.models.loading import load_model, quantizable_modules
 from lorakit.quant.nf4 import dequantize_nf4, quantize_nf4
 
@@ -28,12 +28,14 @@ def merge_into_base(
     """Load the base in fp32 (on `device`), add the adapter into its weights, save it to `out`.
 
     quant="nf4" first rounds every quantizable weight through NF4 and back: the base exactly as
-    QLoRA trained the adapter against it, rather than the original weights. Never re-quantized:
+    QLoRA trained the adapter against it, rather than the original weights (always so for a
+    LoftQ adapter: `merge_quant`). Never re-quantized:
     the merged weights stay in float32. The directory is written to a temporary sibling and
     renamed, so it is never half-written.
     """
     if quant not in ("nf4", "none"):
         raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
+    quant = merge_quant(adapter, quant)
     out = Path(out)
     check_new_dir(out, "--out")  # before the slow load: a file, a full or unwritable place
     model, tokenizer, _ = load_model(model_spec, quant="none", dtype=torch.float32, device=device)
@@ -64,6 +66,19 @@ def merge_into_base(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def merge_quant(adapter: str | os.PathLike, quant: str) -> str:
+    """The base to merge into: "nf4" for a LoftQ adapter whatever was asked (it holds the
+    NF4 base's error, which the 16-bit weights do not have: merged into them it would count
+    twice), with a note saying so; else `quant`."""
+    if quant != "nf4" and read_adapter(adapter)[0].init == "loftq":
+        print(
+            f"note: {adapter} is a LoftQ adapter, started from the NF4 base's quantization "
+            "error: merging it into the dequantized NF4 weights (--quant nf4), not the 16-bit ones"
+        )
+        return "nf4"
+    return quant
 
 
 @torch.no_grad()

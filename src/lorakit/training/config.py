@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.layer import adapter_names
+from lorakit.lora.layer import adapter_names, is_linear_like, layer_features
 from lorakit.models.loading import context_length
 from lorakit.training.loss import CHUNK
+from lorakit.training.schedule import SCHEDULES
 
 
 @dataclass
@@ -28,6 +29,7 @@ class TrainConfig:
     alpha: float = 32.0  # LoRA alpha; scaling = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.0  # dropout on the LoRA input (PEFT's default; 0.05-0.1 for long runs)
     use_rslora: bool = False  # rank-stabilised scaling
+    init: str = "default"  # adapter init: default (PEFT's: B = 0) or loftq (NF4 error's SVD)
     targets: str = "default"  # default, all-linear, names, or re:REGEX (see lorakit inspect)
     steps: int | None = None  # optimizer steps; None = run `epochs` over the data
     epochs: float = 1.0  # used when steps is None
@@ -37,6 +39,7 @@ class TrainConfig:
     seq_len: int = 512  # tokens per packed sequence
     lr: float = 2e-4  # peak learning rate
     warmup: float = 0.05  # warmup: a fraction of the steps (< 1) or a number of steps
+    schedule: str = "cosine"  # after warmup: cosine or linear decay to 0, or constant
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # gradient clipping (0 = off)
     eval_every: int = 0  # steps between eval losses; 0 = at start and end only
@@ -136,6 +139,16 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.seq_len >= 32, f"--seq-len {cfg.seq_len} is too small; use at least 32 (e.g. 512)"),
         (cfg.quant in ("nf4", "none"), f"--quant must be nf4 or none, got {cfg.quant!r}"),
         (cfg.grad_checkpointing in ("auto", "on", "off"), "--grad-checkpointing: auto, on or off"),
+        (
+            cfg.schedule in SCHEDULES,
+            f"--schedule must be cosine, linear or constant, not {cfg.schedule!r}",
+        ),
+        (cfg.init in ("default", "loftq"), f"--init must be default or loftq, got {cfg.init!r}"),
+        (
+            cfg.init != "loftq" or cfg.quant == "nf4",
+            "--init loftq corrects the error of the 4-bit base, and --quant none has none; "
+            "drop --init loftq, or train with --quant nf4",
+        ),
         (cfg.cache_weights in ("auto", "on", "off"), "--cache-weights: auto, on or off"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
     ]
@@ -144,6 +157,22 @@ def validate(cfg: TrainConfig) -> None:
             raise LorakitError(message)
     if cfg.memory is not None:
         parse_size(cfg.memory)
+
+
+def check_rank(cfg: TrainConfig, model: nn.Module, modules: list[str]) -> None:
+    """Refuse a --rank above a target layer's smaller dimension: B A could not use it (and
+    LoftQ's SVD has no such rank)."""
+    sizes = {
+        name: min(layer_features(module))
+        for name in modules
+        if is_linear_like(module := model.get_submodule(name))
+    }
+    if sizes and cfg.rank > (most := min(sizes.values())):
+        name = min(sizes, key=sizes.get)
+        raise LorakitError(
+            f"--rank {cfg.rank} is larger than {name}'s smaller dimension ({most}); "
+            f"use --rank {most} or less"
+        )
 
 
 def check_fits_model(cfg: TrainConfig, model: nn.Module, tokenizer: object) -> None:

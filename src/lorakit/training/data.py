@@ -29,12 +29,15 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lorakit.errors import LorakitError
 from lorakit.models import chat
+
+if TYPE_CHECKING:
+    from lorakit.training.config import TrainConfig
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding); torch's default
 MIN_SEQ_LEN = 16
@@ -368,3 +371,26 @@ def collate(
         "attention_mask": mask,
         "seq_ids": seq_ids,  # example index per token, -1 for padding (models.packed_attention)
     }
+
+
+def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[list, list, list[dict]]:
+    """Packed train and eval sequences, and the eval examples (for before/after answers)."""
+    examples = load_examples(cfg.data or default_dataset_path(), cfg.skip_bad_lines)
+    if examples.skipped:
+        print(f"skipped {examples.skipped} bad line(s) in {cfg.data}")
+    if cfg.eval_data:
+        train_ex, eval_ex = list(examples), list(load_examples(cfg.eval_data, cfg.skip_bad_lines))
+    else:
+        train_ex, eval_ex = split_examples(examples, seed=cfg.seed)
+    if not train_ex:
+        raise DataError(
+            f'{cfg.data}: every example is marked "split": "eval", so none is left to train on; '
+            'mark some "train" or remove their "split"'
+        )
+
+    def pack(items: list[dict]) -> list:
+        tokenized = [tokenize_example(e, tokenizer, cfg.train_on_prompt) for e in items]
+        return pack_sequences(tokenized, cfg.seq_len)
+
+    # A one-example file has no eval split: the run trains without eval losses.
+    return pack(train_ex), pack(eval_ex) if eval_ex else [], eval_ex

@@ -199,6 +199,15 @@ def count_lines(path: Path) -> int:
     return len(path.read_text().splitlines())
 
 
+LOFTQ_CARD = """
+**This adapter belongs to the NF4 (4-bit) base.** It was initialised with LoftQ from the part
+of each weight that 4-bit quantization lost, so it corrects the NF4 base's error: use it on the
+base loaded in 4 bits (NF4, blocksize 64, double quantization: bitsandbytes' layout), and merge
+it into the dequantized NF4 weights (`lorakit merge` does so by itself), not the 16-bit ones,
+which would count the correction twice.
+"""
+
+
 def write_model_card(out: Path, cfg, base: str, r) -> None:
     """README.md for the adapter: what it is, how it was trained, how to use it."""
 
@@ -214,6 +223,7 @@ Trained with lorakit ({"QLoRA, NF4 base" if cfg.quant == "nf4" else "LoRA, full-
 | base model | `{base}` |
 | data | `{cfg.data or "embedded Jargon File 4.4.7 instructions"}` |
 | rank / alpha / dropout | {cfg.rank} / {cfg.alpha} / {cfg.dropout} |
+| init / schedule | {cfg.init} / {cfg.schedule} |
 | targets | `{cfg.targets}` |
 | steps | {r.steps} ({cfg.batch_size} x {cfg.grad_accum} sequences of {cfg.seq_len} tokens) |
 | eval loss before -> after | {fmt(r.first_eval_loss)} -> {fmt(r.final_eval_loss)} |
@@ -231,7 +241,7 @@ or with transformers + PEFT:
 
 The files are PEFT's: `adapter_config.json`, `adapter_model.safetensors`. `train_config.json`
 holds every setting of this run; `metrics.jsonl` and `loss.png` the loss curve.
-"""
+{LOFTQ_CARD if cfg.init == "loftq" else ""}"""
     atomic_write_text(out / "README.md", card)
 
 

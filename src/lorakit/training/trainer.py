@@ -1,6 +1,7 @@
 """The QLoRA training loop.
 
-load (NF4 base) -> attach LoRA -> AdamW over the adapter only, warmup + cosine, gradient
+load (NF4 base) -> attach LoRA (PEFT's init or LoftQ) -> AdamW over the adapter only, warmup +
+cosine / linear / constant (training.schedule), gradient
 accumulation and clipping -> periodic eval -> atomic checkpoints -> adapter in PEFT's format.
 
 Memory tricks: the base is NF4 and dequantized per use (`NF4Linear`); the loss is computed over
@@ -31,13 +32,14 @@ from lorakit.lora.layer import attach_lora, mark_only_lora_trainable
 from lorakit.lora.peft_format import AdapterConfig, save_adapter
 from lorakit.lora.targets import resolve_targets
 from lorakit.models.chat import pad_id
-from lorakit.models.loading import empty_model, load_model
+from lorakit.models.loading import ModelSource, empty_model, load_model, resolve_model
 from lorakit.models.patches import training_patches
 from lorakit.models.precision import autocast, default_dtype, resolve_device
 from lorakit.quant.linear import NF4Linear, dequantized_weights
 from lorakit.training import data as D
 from lorakit.training import memory
-from lorakit.training.config import TrainConfig, check_fits_model, to_json, validate
+from lorakit.training.config import TrainConfig, check_fits_model, check_rank, to_json, validate
+from lorakit.training.loftq import loftq_init
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.packing import keeps_examples_apart, unpacked
 from lorakit.training.rundir import (
@@ -51,22 +53,15 @@ from lorakit.training.rundir import (
     summarize,
     write_model_card,
 )
+from lorakit.training.schedule import lr_factor, short_run_note, warmup_steps
 
-# --- data order and schedule ---------------------------------------------------------------------
+# --- data order ---------------------------------------------------------------------
 
 
 def batch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
     """A fixed shuffle of micro-batch indices per epoch (so resuming needs only the step)."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(n_batches, generator=g).tolist()
-
-
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine decay to 0 at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # Tokens per pass for a small model on CPU. SmolLM2-135M, sequences of 512 tokens, throwaway
@@ -141,14 +136,25 @@ def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -
         use_rslora=cfg.use_rslora,
         target_modules=peft_targets,
         base_model=base_name,
+        init=cfg.init,
     )
 
 
-def attach_adapter(model: nn.Module, cfg: TrainConfig) -> tuple[list[str], object]:
-    """Adapter "default" on cfg.targets, the only trainable parameters of the model."""
+def attach_adapter(
+    model: nn.Module, cfg: TrainConfig, source: ModelSource | None = None
+) -> tuple[list[str], object]:
+    """Adapter "default" on cfg.targets, the only trainable parameters of the model; with
+    cfg.init "loftq" started from the base's quantization error (the model's `source` files)."""
     modules, peft_targets = resolve_targets(model, cfg.targets)
+    check_rank(cfg, model, modules)
     attach_lora(model, modules, "default", cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
     mark_only_lora_trainable(model)
+    if cfg.init == "loftq" and not cfg.resume:
+        r = loftq_init(model, source or resolve_model(cfg.model))
+        print(
+            f"LoftQ init: {r.layers} layers in {r.seconds:.1f}s; the 4-bit base's relative "
+            f"error on them {r.error_before:.4f} -> {r.error_after:.4f} with the adapter"
+        )
     return modules, peft_targets
 
 
@@ -187,29 +193,6 @@ def training_setup(
 
 
 # --- the run -------------------------------------------------------------------------------------
-
-
-def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[list, list, list[dict]]:
-    """Packed train and eval sequences, and the eval examples (for before/after answers)."""
-    examples = D.load_examples(cfg.data or D.default_dataset_path(), cfg.skip_bad_lines)
-    if examples.skipped:
-        print(f"skipped {examples.skipped} bad line(s) in {cfg.data}")
-    if cfg.eval_data:
-        train_ex, eval_ex = list(examples), list(D.load_examples(cfg.eval_data, cfg.skip_bad_lines))
-    else:
-        train_ex, eval_ex = D.split_examples(examples, seed=cfg.seed)
-    if not train_ex:
-        raise D.DataError(
-            f'{cfg.data}: every example is marked "split": "eval", so none is left to train on; '
-            'mark some "train" or remove their "split"'
-        )
-
-    def pack(items: list[dict]) -> list:
-        tokenized = [D.tokenize_example(e, tokenizer, cfg.train_on_prompt) for e in items]
-        return D.pack_sequences(tokenized, cfg.seq_len)
-
-    # A one-example file has no eval split: the run trains without eval losses.
-    return pack(train_ex), pack(eval_ex) if eval_ex else [], eval_ex
 
 
 def train_step(
@@ -287,13 +270,13 @@ class _Run:
 
         cfg, total = self.cfg, self.total_steps
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        warmup = int(cfg.warmup * total) if cfg.warmup < 1 else int(cfg.warmup)
+        warmup = warmup_steps(cfg.warmup, total)
         bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
         t0, tokens_seen, done = time.perf_counter(), 0, start
         with stop_on_interrupt() as stop:
             for step in range(start, total):
                 for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, total, warmup)
+                    group["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
                 batches = self.batches(step)
                 row = train_step(
                     self.model, self.optimizer, trainable, batches, self.device, self.dtype, cfg
@@ -341,14 +324,15 @@ def train(
     check_out_dir(cfg)  # the directory is changed only once every other check has passed
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
+    source = None
     if model is None:
         model, tokenizer, source = load_for_training(cfg, device)
         base_name = source.name
     check_fits_model(cfg, model, tokenizer)
     base_name = base_name or cfg.model
     dtype = default_dtype(device)
-    train_set, eval_set, _ = build_datasets(cfg, tokenizer)
-    _, peft_targets = attach_adapter(model, cfg)
+    train_set, eval_set, _ = D.build_datasets(cfg, tokenizer)
+    _, peft_targets = attach_adapter(model, cfg, source)
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -382,6 +366,8 @@ def train(
         evals = [collate(eval_rows[i : i + size]) for i in range(0, len(eval_rows), size)]
         run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
         if start == 0:
+            if note := short_run_note(run.total_steps, cfg.schedule, cfg.batch_size):
+                print(note)
             run.evaluate(0)
         model.train()
         t0 = time.perf_counter()
