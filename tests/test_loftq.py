@@ -7,9 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from test_quantize import one_line_error
 
 from lorakit.cli import main
+from lorakit.errors import LorakitError
 from lorakit.lora.layer import LoRALinear
 from lorakit.lora.peft_format import read_adapter, save_adapter
 from lorakit.models.loading import load_model
@@ -117,13 +119,19 @@ def test_loftq_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
     err = one_line_error([*argv, "--quant", "none", "--out", str(tmp_path / "a")], capsys)
     assert "--init loftq" in err and "--quant none" in err
     err = one_line_error([*argv, "--rank", "64", "--out", str(tmp_path / "b")], capsys)
-    assert "--rank 64 is larger than" in err and "k_proj" in err and "use --rank 16 or less" in err
+    assert "--rank 64 is larger than every target" in err and "use --rank 32 or less" in err
     nf4 = quantize_model(tiny_model_dir, tmp_path / "nf4")
     err = one_line_error(
         ["train", "--model", str(nf4), *argv[3:], "--out", str(tmp_path / "c")], capsys
     )
     assert "16-bit weights" in err and "drop --init loftq" in err
     assert not (tmp_path / "c" / "adapter_model.safetensors").exists()
+    # The Python API with a model from elsewhere than cfg.model: named, not a shape error.
+    other = tmp_path / "other"
+    tiny_model("llama", vocab_size=400, hidden_size=64, intermediate_size=96).save_pretrained(other)
+    model, _, _ = load_model(str(tiny_model_dir), dtype=torch.float32, with_tokenizer=False)
+    with pytest.raises(LorakitError, match="point the run's model setting"):
+        attach_adapter(model, TrainConfig(model=str(other), init="loftq", rank=4))
 
 
 def test_schedules_match_transformers_after_warmup():
@@ -162,3 +170,17 @@ def test_the_run_follows_its_schedule_and_warns_when_short(tiny_model_dir, tmp_p
     assert "optimizer step(s)" not in capsys.readouterr().out
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert {json.loads(x)["lr"] for x in lines if '"lr"' in x} == {0.01}
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_a_rank_above_a_layers_dimension_keeps_peft_init_past_it(tiny_model_dir):
+    """k_proj is 16 x 32: rank 20 holds all of its error in 16 components, and the 4 left keep
+    PEFT's init (B = 0), as they would without LoftQ."""
+    model, *_ = _loftq_model(tiny_model_dir, rank=20, targets="q_proj,k_proj")
+    weights = _weights(tiny_model_dir)
+    layer = model.get_submodule("model.layers.0.self_attn.k_proj")
+    b = layer.lora_B["default"].weight
+    assert b.shape == (16, 20) and torch.all(b[:, 16:] == 0) and torch.any(b[:, :16] != 0)
+    q = layer.base_layer.dequantized_weight(torch.float32)
+    delta = layer.scaling["default"] * b @ layer.lora_A["default"].weight
+    assert torch.allclose(q + delta, weights["model.layers.0.self_attn.k_proj"], atol=1e-5)

@@ -40,10 +40,12 @@ def test_plan_from_config_alone_adds_up_to_its_peak(config_only, capsys):
 
     # The same estimate and decisions `lorakit train` runs on (training.memory).
     from lorakit.models.loading import empty_model, load_config, resolve_model
+    from lorakit.models.precision import default_dtype
 
     model = empty_model(load_config(resolve_model(config_only, weights=False)))
     cfg = TrainConfig(seq_len=64)
-    est = memory.estimate(model, cfg, torch.float32, settings["micro_batch"])
+    dtype = default_dtype(torch.device("cpu"))  # fp32 or bf16, as this CPU computes
+    est = memory.estimate(model, cfg, dtype, settings["micro_batch"])
     assert mem["base"] == est.base and mem["activations"] == est.activations
 
     # A bigger adapter costs more; the file itself is enough too.

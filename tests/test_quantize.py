@@ -37,12 +37,30 @@ def nf4_layers(model) -> dict[str, NF4Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
+def bnb_dequantize(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' dequantization of a 4-bit weight. Its AVX-512 CPU kernel (bitsandbytes
+    0.50.2) gets rows that are not whole blocks wrong (these tiny models' 32-wide rows; real
+    models' rows are multiples of 64), so those go through bitsandbytes' own generic code, the
+    fallback it takes itself for odd shapes."""
+    if packed.device.type != "cpu" or state.shape[-1] % state.blocksize == 0:
+        return bnbf.dequantize_4bit(packed, state)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = packed.view(torch.uint8).reshape(-1)
+    return _dequantize_4bit_compute(
+        flat, absmax.float(), state.code, state.blocksize, state.shape, state.dtype
+    )
+
+
 def bnb_weights(model) -> dict[str, torch.Tensor]:
     """Each bitsandbytes 4-bit layer's weight, dequantized by bitsandbytes, as (out, in)."""
     import bitsandbytes as bnb
 
     return {
-        n: bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+        n: bnb_dequantize(m.weight.data, m.weight.quant_state).float()
         for n, m in model.named_modules()
         if isinstance(m, bnb.nn.Linear4bit)
     }

@@ -159,19 +159,28 @@ def validate(cfg: TrainConfig) -> None:
         parse_size(cfg.memory)
 
 
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    """The module called `name`, or None for a parameter (a MoE layer's fused experts)."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def check_rank(cfg: TrainConfig, model: nn.Module, modules: list[str]) -> None:
-    """Refuse a --rank above a target layer's smaller dimension: B A could not use it (and
-    LoftQ's SVD has no such rank)."""
+    """Refuse a --rank above every target layer's smaller dimension: no B A could use it. (A
+    rank above some layers' only, like a one-output gate under all-linear, is PEFT's
+    behaviour: allowed.)"""
     sizes = {
         name: min(layer_features(module))
         for name in modules
-        if is_linear_like(module := model.get_submodule(name))
+        if is_linear_like(module := _submodule(model, name))
     }
-    if sizes and cfg.rank > (most := min(sizes.values())):
-        name = min(sizes, key=sizes.get)
+    if sizes and cfg.rank > (most := max(sizes.values())):
+        name = max(sizes, key=sizes.get)
         raise LorakitError(
-            f"--rank {cfg.rank} is larger than {name}'s smaller dimension ({most}); "
-            f"use --rank {most} or less"
+            f"--rank {cfg.rank} is larger than every target layer's smaller dimension (at most "
+            f"{most}, {name}); use --rank {most} or less"
         )
 
 

@@ -86,12 +86,19 @@ def loftq_init(model: nn.Module, source: ModelSource, adapter: str = "default") 
             continue
         base = layer.base_layer
         weight = tensor.float().T if getattr(base, "fan_in_fan_out", False) else tensor.float()
+        if tuple(weight.shape) != (layer.out_features, layer.in_features):
+            raise LorakitError(
+                f"--init loftq: {name} in {source.path} is {list(weight.shape)}, not the "
+                f"model's {[layer.out_features, layer.in_features]}; point the run's model "
+                "setting at the checkpoint the model was loaded from"
+            )
         residual = weight.to(base.packed.device) - base.dequantized_weight(torch.float32)
         u, s, vh = low_rank(residual, layer.rank(adapter))
-        root = (s / layer.scaling[adapter]).sqrt()
+        root, k = (s / layer.scaling[adapter]).sqrt(), len(s)
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        a.copy_((root[:, None] * vh).to(a))
-        b.copy_((u * root).to(b))
+        # A rank above the layer's smaller dimension keeps PEFT's init (B = 0) past it.
+        a[:k].copy_((root[:, None] * vh).to(a))
+        b[:, :k].copy_((u * root).to(b))
         after = residual - layer.scaling[adapter] * (b.float() @ a.float())
         error_before += float(residual.square().sum())
         error_after += float(after.square().sum())
