@@ -12,6 +12,7 @@ from test_quantize import one_line_error
 
 from lorakit.cli import main
 from lorakit.errors import LorakitError
+from lorakit.lora.combine import combine_adapters
 from lorakit.lora.layer import LoRALinear
 from lorakit.lora.peft_format import read_adapter, save_adapter
 from lorakit.models.loading import load_model
@@ -27,6 +28,13 @@ def _loftq_model(model_dir, rank: int, targets: str = "default"):
     cfg = TrainConfig(model=str(model_dir), init="loftq", rank=rank, targets=targets)
     _, peft_targets = attach_adapter(model, cfg, source)
     return model, cfg, peft_targets, source
+
+
+def _data(tmp_path) -> object:
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {i}.", "output": f"{i} " * 8} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
 
 
 def _weights(model_dir) -> dict[str, torch.Tensor]:
@@ -107,13 +115,14 @@ def test_a_loftq_adapter_says_so_loads_in_peft_and_merges_into_the_nf4_base(
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "merged-nf4").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # Combined with another adapter, the result still belongs to the NF4 base.
+    assert combine_adapters([tmp_path / "ad", tmp_path / "ad"], [0.5, 0.5], tmp_path / "c").init
+    assert read_adapter(tmp_path / "c")[0].init == "loftq"
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_loftq_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys):
-    data = tmp_path / "data.jsonl"
-    rows = [{"instruction": f"Say {i}.", "output": f"{i} " * 8} for i in range(16)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _data(tmp_path)
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--steps", "1"]
     argv += ["--seq-len", "64", "--device", "cpu", "--init", "loftq"]
     err = one_line_error([*argv, "--quant", "none", "--out", str(tmp_path / "a")], capsys)
@@ -153,14 +162,13 @@ def test_schedules_match_transformers_after_warmup():
 
 @pytest.mark.parametrize("tiny_model_dir", ["qwen2"], indirect=True)
 def test_the_run_follows_its_schedule_and_warns_when_short(tiny_model_dir, tmp_path, capsys):
-    data = tmp_path / "data.jsonl"
-    rows = [{"instruction": f"Say {i}.", "output": f"{i} " * 8} for i in range(16)]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = _data(tmp_path)
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--seq-len", "64"]
     argv += ["--device", "cpu", "--lr", "0.01", "--warmup", "0", "--samples", "0"]
     assert main([*argv, "--steps", "4", "--schedule", "linear", "--out", str(tmp_path / "a")]) == 0
     said = capsys.readouterr().out
-    assert "only 4 optimizer step(s)" in said and "--schedule constant" in said
+    assert "only 4 optimizer step(s)" in said and "more --steps" in said
+    assert "--schedule constant" in said
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
     lrs = [json.loads(x)["lr"] for x in lines if '"lr"' in x]
     assert lrs == pytest.approx([0.01, 0.0075, 0.005, 0.0025])
@@ -170,6 +178,9 @@ def test_the_run_follows_its_schedule_and_warns_when_short(tiny_model_dir, tmp_p
     assert "optimizer step(s)" not in capsys.readouterr().out
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert {json.loads(x)["lr"] for x in lines if '"lr"' in x} == {0.01}
+    # Resuming it must keep its schedule, as its rank and targets.
+    err = one_line_error([*argv, "--steps", "25", "--resume", "--out", str(tmp_path / "b")], capsys)
+    assert "--schedule constant" in err and "--resume" in err
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)

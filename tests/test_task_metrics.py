@@ -39,6 +39,8 @@ def test_free_text_references_have_no_labels():
     assert label_set(refs) is None
     assert score(refs, refs).accuracy is None and score(refs, refs).exact_match == 1.0
     assert label_set(["yes", "no", "maybe"]) is None  # three labels, once each: not labels
+    sentences = ["the answer is in the manual", "ask again later please"] * 4
+    assert label_set(sentences) is None  # repeated, but sentences rather than labels
 
 
 def test_only_questions_are_asked():
@@ -67,7 +69,7 @@ def test_eval_generate_scores_base_and_adapter(tiny_model_dir, tmp_path, capsys)
     for result in (base, tuned):
         answers = result["answers"]
         assert result["answered"] == len(refs) == len(answers)
-        hits = sum(a.strip().lower() == r for a, r in zip(answers, refs, strict=True))
+        hits = sum(normalize(a) == r for a, r in zip(answers, refs, strict=True))
         assert result["exact_match"] == pytest.approx(hits / len(refs))
         table = result["confusion"]
         assert sum(sum(row.values()) for row in table.values()) == len(refs)

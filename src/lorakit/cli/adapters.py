@@ -28,8 +28,8 @@ def cmd_merge(args: argparse.Namespace) -> None:
             "adapter add --weights W1,W2,..."
         )
     device = resolve_device(args.device)
-    quant = merge_quant(args.adapter[0], args.quant)
-    merge_into_base(args.model, args.adapter[0], args.out, quant, device)
+    merge_into_base(args.model, args.adapter[0], args.out, args.quant, device)  # says if LoftQ
+    quant = merge_quant(args.adapter[0], args.quant, say=False)
     base = "its NF4-rounded base" if quant == "nf4" else args.model
     print(f"merged {args.adapter[0]} into {base}: a transformers model in {args.out}")
 

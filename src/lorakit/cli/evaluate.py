@@ -32,6 +32,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
         examples = list(D.load_examples(args.data, args.skip_bad_lines))
     else:
         examples = D.split_examples(D.load_examples(D.default_dataset_path()))[1]
+    items = T.questions(examples) if args.generate else []
+    if args.generate and not items:  # before the slow load
+        raise LorakitError(
+            "--generate answers instructions or chats, and the data has none (plain text "
+            "only); drop --generate"
+        )
     model, tokenizer, source, names = load_with_adapters(args)
     limit = context_length(model)
     seq_len = args.seq_len or min(DEFAULT_SEQ_LEN, limit or DEFAULT_SEQ_LEN)
@@ -43,12 +49,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     dtype = default_dtype(model.device)
     packed = keeps_examples_apart(model, model.device, dtype)
     batches = dataset_batches(examples, tokenizer, seq_len, args.batch_size, dtype, packed)
-    items = T.questions(examples) if args.generate else []
-    if args.generate and not items:
-        raise LorakitError(
-            "--generate answers instructions or chats, and the data has none (plain text "
-            "only); drop --generate"
-        )
     references = [reference for _, reference in items]
     new_tokens = args.max_new_tokens or T.answer_length(tokenizer, references)
     rows = []
@@ -107,13 +107,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--generate",
         action="store_true",
-        help="also answer each held-out instruction greedily: exact match, and accuracy with a "
-        "confusion table where the answers are a few labels",
+        help="also answer each instruction of the data greedily: exact match, and accuracy with "
+        "a confusion table where the answers are a few labels",
     )
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        help="--generate: the longest answer (default: the longest reference + 16)",
+        help="--generate: the longest answer (default: the longest reference + 16, at most 256)",
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

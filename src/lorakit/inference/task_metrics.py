@@ -3,11 +3,11 @@ answer compared with the reference.
 
 - exact match: the answer equals the reference after SQuAD's normalisation (lower case, no
   punctuation, no articles, single spaces);
-- where the references are a few labels (at most MAX_LABELS distinct ones, each used at least
-  twice on average: "positive" / "negative", "A" / "B" / "C" / "D"): accuracy, and the confusion
-  table of reference label x answered label. An answer counts as a label when, normalised, it
-  is that label or begins with it ("Positive. The review ..." is "positive"); else it is
-  OTHER.
+- where the references are a few labels (at most MAX_LABELS distinct ones of up to three
+  words, each used at least twice on average: "positive" / "negative", "A" / "B" / "C" /
+  "D"): accuracy, and the confusion table of reference label x answered label. An answer
+  counts as a label when, normalised, it is that label or begins with it ("Positive. The
+  review ..." is "positive"); else it is OTHER.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from lorakit.inference.generate import generate_ids
 from lorakit.inference.sampling import Sampling
 from lorakit.models.chat import encode_prompt, pad_id
+from lorakit.models.precision import autocast
 
 MAX_LABELS = 10
 OTHER = "(other)"
@@ -51,7 +52,8 @@ def questions(examples: list[dict]) -> list[tuple[list[dict], str]]:
 def label_set(references: list[str]) -> list[str] | None:
     """The normalised labels if the references are a few labels (see the module docstring)."""
     labels = sorted({normalize(r) for r in references})
-    if 2 <= len(labels) <= MAX_LABELS and len(references) >= 2 * len(labels) and all(labels):
+    few = 2 <= len(labels) <= MAX_LABELS and len(references) >= 2 * len(labels)
+    if few and all(0 < len(label.split()) <= 3 for label in labels):  # labels, not sentences
         return labels
     return None
 
@@ -101,12 +103,13 @@ def answer_all(
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=0.0)
     answers = []
-    label = adapter or "base"
+    label, device = adapter or "base", model.get_input_embeddings().weight.device
     for i in tqdm(range(0, len(prompts), BATCH), desc=f"answers ({label})", unit="batch"):
         chunk = prompts[i : i + BATCH]
-        ids = generate_ids(
-            model, chunk, sampling, eos, pad_id(tokenizer), adapters=[adapter] * len(chunk)
-        )
+        with autocast(device, model.dtype):  # as `lorakit generate` runs it
+            ids = generate_ids(
+                model, chunk, sampling, eos, pad_id(tokenizer), adapters=[adapter] * len(chunk)
+            )
         answers += [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
     return answers
 

@@ -79,6 +79,8 @@ def combine_adapters(
         target_modules=sorted({m.rsplit(".", 1)[-1] for m in modules}),
         base_model=first.base_model,
         fan_in_fan_out=first.fan_in_fan_out,
+        # A LoftQ adapter's share still belongs to the NF4 base: so does the combination.
+        init="loftq" if any(c.init == "loftq" for c, _ in loaded) else "default",
     )
     write_adapter(Path(out), tensors, config)
     return config

@@ -35,9 +35,9 @@ def merge_into_base(
     """
     if quant not in ("nf4", "none"):
         raise LorakitError(f"unknown quantization {quant!r}; use nf4 or none")
-    quant = merge_quant(adapter, quant)
     out = Path(out)
     check_new_dir(out, "--out")  # before the slow load: a file, a full or unwritable place
+    quant = merge_quant(adapter, quant)
     model, tokenizer, _ = load_model(model_spec, quant="none", dtype=torch.float32, device=device)
     if quant == "nf4":
         round_trip_nf4(model)
@@ -68,15 +68,17 @@ def merge_into_base(
     return out
 
 
-def merge_quant(adapter: str | os.PathLike, quant: str) -> str:
+def merge_quant(adapter: str | os.PathLike, quant: str, say: bool = True) -> str:
     """The base to merge into: "nf4" for a LoftQ adapter whatever was asked (it holds the
     NF4 base's error, which the 16-bit weights do not have: merged into them it would count
-    twice), with a note saying so; else `quant`."""
+    twice), with a note saying so (`say`); else `quant`."""
     if quant != "nf4" and read_adapter(adapter)[0].init == "loftq":
-        print(
-            f"note: {adapter} is a LoftQ adapter, started from the NF4 base's quantization "
-            "error: merging it into the dequantized NF4 weights (--quant nf4), not the 16-bit ones"
-        )
+        if say:
+            print(
+                f"note: {adapter} is a LoftQ adapter, started from the NF4 base's quantization "
+                "error: merging it into the dequantized NF4 weights (--quant nf4), not the "
+                "16-bit ones"
+            )
         return "nf4"
     return quant
 

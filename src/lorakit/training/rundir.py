@@ -125,14 +125,16 @@ def check_out_dir(cfg) -> Path:
 
 
 def _check_same_adapter(out: Path, cfg) -> None:
-    """--resume with another --rank or --targets: the checkpoint's tensors cannot fit. Checked
+    """--resume with another --rank or --targets (the checkpoint's tensors cannot fit), --init
+    (the adapter would say it is what it is not) or --schedule (another run). Checked
     against the run's train_config.json before the model loads (load_checkpoint checks the
     tensors themselves after)."""
     try:
         saved = json.loads((out / "train_config.json").read_text())
     except (OSError, ValueError):
         return  # no readable record: load_checkpoint still compares the tensors
-    for key, flag in (("rank", "--rank"), ("targets", "--targets")):
+    for key in ("rank", "targets", "init", "schedule"):
+        flag = "--" + key
         if key in saved and saved[key] != getattr(cfg, key):
             raise LorakitError(
                 f"--resume: the run in {out} was trained with {flag} {saved[key]}, not "

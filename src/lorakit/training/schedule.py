@@ -9,6 +9,7 @@ leave about one at the peak rate. `short_run_note` says so before the run starts
 from __future__ import annotations
 
 import math
+from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant")
 FEW_STEPS = 20  # below this, warmup + decay take much of what the run can learn
@@ -31,14 +32,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def short_run_note(total: int, schedule: str, sequences_per_step: int) -> str | None:
-    """A warning for a run of fewer than FEW_STEPS optimizer steps, naming the fixes."""
+def short_run_note(total: int, cfg: Any) -> str | None:
+    """A warning for a run (a TrainConfig) of fewer than FEW_STEPS optimizer steps, with the
+    fixes that apply to it."""
     if total >= FEW_STEPS:
         return None
-    fix = "more --epochs or --steps, or a smaller --batch-size"
-    if schedule != "constant":
-        fix += f"; or --schedule constant (the {schedule} decay spends much of a short run)"
+    per_step = cfg.batch_size * cfg.grad_accum
+    fixes = ["more --steps"] if cfg.steps else ["more --epochs", "a smaller --batch-size"]
+    if cfg.schedule != "constant":
+        fixes.append(f"--schedule constant (the {cfg.schedule} decay spends much of a short run)")
     return (
-        f"warning: only {total} optimizer step(s) of {sequences_per_step} packed sequence(s) "
-        f"each; fewer than {FEW_STEPS} steps rarely learn much: use {fix}"
+        f"warning: only {total} optimizer step(s) of {per_step} packed sequence(s) each; fewer "
+        f"than {FEW_STEPS} steps rarely learn much: use {', or '.join(fixes)}"
     )

@@ -366,7 +366,7 @@ def train(
         evals = [collate(eval_rows[i : i + size]) for i in range(0, len(eval_rows), size)]
         run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
         if start == 0:
-            if note := short_run_note(run.total_steps, cfg.schedule, cfg.batch_size):
+            if note := short_run_note(run.total_steps, cfg):
                 print(note)
             run.evaluate(0)
         model.train()
