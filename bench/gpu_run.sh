@@ -13,7 +13,9 @@
 #     ONLY="model-8b train-8b" OUT=/tmp/out bash bench/gpu_run.sh .gpu/smollm2   # some steps
 #
 # A device call runs 10 minutes at most: if the whole script does not fit one, run the steps
-# before train-8b in one call and ONLY="model-8b train-8b train-8b-ckpt train-8b-t4" in the next.
+# before train-8b in one call and ONLY="model-8b train-8b train-8b-ckpt train-8b-t4" in the next;
+# the 70B steps (issue 18) in two more: ONLY=model-70b, then ONLY=train-70b (the NF4 70B is
+# written on the CPU, 16 cores there; not timed yet).
 set -u
 CONFIG=${1:-.gpu/smollm2}
 OUT=${OUT:-/tmp/lorakit-gpu}
@@ -55,5 +57,8 @@ step train-8b-ckpt 90 "${T8B[@]}" --sides lorakit --lorakit-checkpointing on
 step train-8b-t4 90 "${T8B[@]}" --sides lorakit --memory-fraction $T4
 step generation 90 python3 bench/generation.py --model "$SMALL" --device cuda --new-tokens 64
 step losses 90 python3 bench/train_throughput.py --model "$SMALL" --device cuda --sides lorakit --steps 3 --warmup 0
+# Issue 18: the 70B shape within a 41 GiB budget (a 35 GB NF4 checkpoint on the machine's disk).
+step model-70b 600 python3 bench/random_model.py "$CONFIG" /tmp/llama2-70b-nf4 --shape llama2-70b --nf4
+step train-70b 600 python3 bench/gpu_budget_train.py /tmp/llama2-70b-nf4 --budget 41GB
 rm -f "$OUT/step.txt"
 cat "$TABLES"
