@@ -166,7 +166,7 @@ def test_the_run_follows_its_schedule_and_warns_when_short(tiny_model_dir, tmp_p
     argv = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--seq-len", "64"]
     argv += ["--device", "cpu", "--lr", "0.01", "--warmup", "0", "--samples", "0"]
     assert main([*argv, "--steps", "4", "--schedule", "linear", "--out", str(tmp_path / "a")]) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err  # a warning: on stderr, where it does not mix with results
     assert "only 4 optimizer step(s)" in said and "more --steps" in said
     assert "--schedule constant" in said
     lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -175,7 +175,7 @@ def test_the_run_follows_its_schedule_and_warns_when_short(tiny_model_dir, tmp_p
     assert (
         main([*argv, "--steps", "20", "--schedule", "constant", "--out", str(tmp_path / "b")]) == 0
     )
-    assert "optimizer step(s)" not in capsys.readouterr().out
+    assert "optimizer step(s)" not in capsys.readouterr().err
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert {json.loads(x)["lr"] for x in lines if '"lr"' in x} == {0.01}
     # Resuming it must keep its schedule, as its rank and targets.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -367,7 +368,7 @@ def train(
         run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
         if start == 0:
             if note := short_run_note(run.total_steps, cfg):
-                print(note)
+                print(note, file=sys.stderr)
             run.evaluate(0)
         model.train()
         t0 = time.perf_counter()
