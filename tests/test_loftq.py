@@ -195,3 +195,20 @@ def test_a_rank_above_a_layers_dimension_keeps_peft_init_past_it(tiny_model_dir)
     q = layer.base_layer.dequantized_weight(torch.float32)
     delta = layer.scaling["default"] * b @ layer.lora_A["default"].weight
     assert torch.allclose(q + delta, weights["model.layers.0.self_attn.k_proj"], atol=1e-5)
+
+
+def test_the_randomized_svd_of_a_large_layer_is_near_optimal():
+    """Layers wider than FULL_SVD_DIM take torch.svd_lowrank: its rank-r error stays within 1%
+    of the exact truncated SVD's on a matrix shaped like quantization error (a flat spectrum
+    with a few stronger directions)."""
+    from lorakit.training.loftq import FULL_SVD_DIM, low_rank
+
+    g = torch.Generator().manual_seed(0)
+    n, rank = FULL_SVD_DIM + 100, 16
+    strong = torch.randn(n, 8, generator=g) @ torch.randn(8, n, generator=g) * 0.05
+    residual = strong + torch.randn(n, n, generator=g) * 0.01
+    u, s, vh = low_rank(residual, rank)
+    assert u.shape == (n, rank) and s.shape == (rank,) and vh.shape == (rank, n)
+    left = (residual - u @ torch.diag(s) @ vh).square().sum()
+    best = torch.linalg.svdvals(residual)[rank:].square().sum()
+    assert best <= left <= best * 1.01
