@@ -17,6 +17,7 @@ from lorakit.models.chat import encode_prompt, pad_id
 from lorakit.models.precision import autocast, resolve_device
 from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, validate
+from lorakit.training.distributed import is_main, leave
 from lorakit.training.rundir import TrainResult, check_out_dir
 from lorakit.training.trainer import load_for_training, train
 
@@ -127,7 +128,7 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
     device = resolve_device(cfg.device)
     model, tokenizer, source = load_for_training(cfg, device)
     result = train(cfg, model, tokenizer, base_name=source.name)
-    if result.interrupted or samples <= 0:
+    if result.interrupted or samples <= 0 or not is_main():
         return result, []
     with torch.no_grad():
         return result, held_out_answers(model, tokenizer, cfg, samples)
@@ -137,7 +138,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.samples < 0:
         raise LorakitError(f"--samples must be >= 0 (0: none), got {args.samples}")
     cfg = train_config(args)
-    result, samples = run_training(cfg, samples=args.samples)
+    try:
+        result, samples = run_training(cfg, samples=args.samples)
+        main = is_main()  # under torchrun rank 0 alone reports
+    finally:
+        leave()
+    if not main:
+        return
     if samples:
         print("\nAnswers to held-out prompts, before and after training (greedy):")
         for i, s in enumerate(samples, 1):

@@ -14,9 +14,7 @@ run follows the same loss curve as an uninterrupted one.
 from __future__ import annotations
 
 import math
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -40,6 +38,18 @@ from lorakit.quant.linear import NF4Linear, dequantized_weights
 from lorakit.training import data as D
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig, check_fits_model, check_rank, to_json, validate
+from lorakit.training.distributed import (
+    SilentMetrics,
+    World,
+    any_rank,
+    barrier,
+    check_same_settings,
+    join,
+    my_share,
+    sum_floats,
+    sum_gradients,
+)
+from lorakit.training.interrupt import stop_on_interrupt
 from lorakit.training.loftq import loftq_init
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
 from lorakit.training.packing import keeps_examples_apart, unpacked
@@ -101,32 +111,6 @@ def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module
         memory.check_run(est, cfg, device)
 
     return load_model(cfg.model, quant=cfg.quant, device=device, before_weights=check)
-
-
-class _StopFlag:
-    requested = False
-
-
-@contextmanager
-def stop_on_interrupt() -> Iterator[_StopFlag]:
-    """The first Ctrl-C asks the loop to stop after the current step (which then checkpoints);
-    a second one interrupts at once."""
-    flag = _StopFlag()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -> AdapterConfig:
@@ -204,12 +188,14 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype,
     cfg: TrainConfig,
+    world: World | None = None,
 ) -> dict:
-    """One optimizer step over `batches` (the accumulated micro-batches); returns its metrics."""
+    """One optimizer step over `batches` (the accumulated micro-batches; under torchrun this
+    rank takes its share, and the adapter's gradients are summed); returns its metrics."""
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    loss_total, tokens = 0.0, 0
+    loss_total, tokens, world = 0.0, 0, world or World()
     with reused_logits():
-        for batch in batches:
+        for batch in my_share(batches, world):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
                 loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
@@ -218,11 +204,14 @@ def train_step(
             loss_total += loss_sum.item()
             tokens += int(batch["real_tokens"])
             del batch, loss_sum
+    sum_gradients(trainable, world)
+    loss_total, tokens = sum_floats([loss_total, tokens], world)
     clip = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_total / max(n_total, 1), "grad_norm": float(grad_norm), "tokens": tokens}
+    loss = loss_total / max(n_total, 1)
+    return {"loss": loss, "grad_norm": float(grad_norm), "tokens": int(tokens)}
 
 
 @dataclass
@@ -238,7 +227,8 @@ class _Run:
     device: torch.device
     dtype: torch.dtype
     micro_size: int  # sequences per forward/backward pass
-    metrics: Metrics
+    metrics: Metrics | SilentMetrics
+    world: World
 
     @property
     def total_steps(self) -> int:
@@ -272,7 +262,8 @@ class _Run:
         cfg, total = self.cfg, self.total_steps
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         warmup = warmup_steps(cfg.warmup, total)
-        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
+        shown = progress and self.world.main
+        bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not shown)
         t0, tokens_seen, done = time.perf_counter(), 0, start
         with stop_on_interrupt() as stop:
             for step in range(start, total):
@@ -280,7 +271,14 @@ class _Run:
                     group["lr"] = cfg.lr * lr_factor(step, total, warmup, cfg.schedule)
                 batches = self.batches(step)
                 row = train_step(
-                    self.model, self.optimizer, trainable, batches, self.device, self.dtype, cfg
+                    self.model,
+                    self.optimizer,
+                    trainable,
+                    batches,
+                    self.device,
+                    self.dtype,
+                    cfg,
+                    self.world,
                 )
                 done, tokens_seen = step + 1, tokens_seen + row["tokens"]
                 elapsed = time.perf_counter() - t0
@@ -297,7 +295,7 @@ class _Run:
                     )
                 bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{speed:.0f}")
                 bar.update(1)
-                if stop.requested:
+                if any_rank(stop.requested, self.world):  # every rank stops at the same step
                     break
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
                     self.evaluate(done)
@@ -307,8 +305,10 @@ class _Run:
         return done, tokens_seen
 
     def checkpoint(self, step: int) -> None:
-        path = Path(self.cfg.out) / "checkpoint"
-        save_checkpoint(path, self.model, self.optimizer, step, self.metrics.lines())
+        if self.world.main:
+            path = Path(self.cfg.out) / "checkpoint"
+            save_checkpoint(path, self.model, self.optimizer, step, self.metrics.lines())
+        barrier(self.world)
 
 
 def train(
@@ -324,7 +324,9 @@ def train(
     validate(cfg)
     check_out_dir(cfg)  # the directory is changed only once every other check has passed
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    world = join(device)  # under torchrun: this rank's place; else a world of one
+    check_same_settings(to_json(cfg), world)
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same adapter to start
     source = None
     if model is None:
         model, tokenizer, source = load_for_training(cfg, device)
@@ -338,7 +340,8 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     pad = pad_id(tokenizer)
-    out = prepare_out_dir(cfg)
+    out = prepare_out_dir(cfg) if world.main else Path(cfg.out)
+    barrier(world)
 
     packed = True  # decided by packing.keeps_examples_apart once the model is set up
 
@@ -352,9 +355,9 @@ def train(
     if cfg.resume:
         meta = load_checkpoint(out / "checkpoint", model, optimizer)
         start, resume_lines = meta["step"], meta["metrics_lines"]
-    else:
+    elif world.main:
         atomic_write_text(out / "train_config.json", to_json(cfg))
-    metrics = Metrics(out / "metrics.jsonl", resume_lines)
+    metrics = Metrics(out / "metrics.jsonl", resume_lines) if world.main else SilentMetrics()
     micro = micro_batch_size(cfg, device, model)
     with training_setup(model, cfg, device, dtype, micro):
         packed = keeps_examples_apart(model, device, dtype)
@@ -365,9 +368,11 @@ def train(
             )
         eval_rows, size = eval_set[: cfg.eval_max_sequences], cfg.batch_size
         evals = [collate(eval_rows[i : i + size]) for i in range(0, len(eval_rows), size)]
-        run = _Run(cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics)
+        run = _Run(
+            cfg, model, optimizer, train_set, evals, collate, device, dtype, micro, metrics, world
+        )
         if start == 0:
-            if note := short_run_note(run.total_steps, cfg):
+            if world.main and (note := short_run_note(run.total_steps, cfg)):
                 print(note, file=sys.stderr)
             run.evaluate(0)
         model.train()
@@ -379,8 +384,11 @@ def train(
             run.evaluate(done)
     model.eval()
     run.checkpoint(done)
-    save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name))
-    plot_losses(metrics.path, out / "loss.png")
+    if world.main:  # rank 0 alone writes; the others wait for it, then read the same files
+        save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name))
+        plot_losses(metrics.path, out / "loss.png")
+    barrier(world)
     result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
-    write_model_card(out, cfg, base_name, result)
+    if world.main:
+        write_model_card(out, cfg, base_name, result)
     return result

@@ -1,0 +1,75 @@
+"""`torchrun --nproc-per-node 2 -m lorakit train` on the CPU (gloo): the same optimizer steps,
+losses and adapter as one process with the same global batch, rank 0 alone writing, and a
+resume across ranks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch has no torch.distributed"
+)
+
+
+def _data(tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = [{"instruction": f"Say {i}.", "output": f"{i} " * 8} for i in range(40)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
+def _train(model_dir, data, out, ranks: int, *extra: str) -> subprocess.CompletedProcess:
+    argv = ["-m", "lorakit", "train", "--model", str(model_dir), "--data", str(data)]
+    argv += ["--out", str(out), "--seq-len", "64", "--batch-size", "4", "--micro-batch", "1"]
+    argv += ["--samples", "0", "--device", "cpu", "--lr", "1e-2", "--schedule", "constant"]
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+    done = subprocess.run([*launcher, *argv, *extra], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _losses(out) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r.get("loss", r.get("eval_loss")) for r in rows]
+
+
+def _same_adapter(a, b) -> None:
+    x = load_file(str(a / "adapter_model.safetensors"))
+    y = load_file(str(b / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.allclose(x[key], y[key], atol=1e-5, rtol=1e-4), key
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_two_ranks_take_the_steps_one_process_takes(tiny_model_dir, tmp_path):
+    data = _data(tmp_path)
+    one = _train(tiny_model_dir, data, tmp_path / "one", 1, "--steps", "4")
+    two = _train(tiny_model_dir, data, tmp_path / "two", 2, "--steps", "4")
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    _same_adapter(tmp_path / "one", tmp_path / "two")
+    # Rank 0 alone reports and writes: one summary line, one row per step and evaluation.
+    assert two.stdout.count("done: 4 steps") == 1 == one.stdout.count("done: 4 steps")
+    assert len(_losses(tmp_path / "two")) == 6  # 4 steps + the evaluations before and after
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_two_ranks_resume_a_run_where_it_stopped(tiny_model_dir, tmp_path):
+    data = _data(tmp_path)
+    _train(tiny_model_dir, data, tmp_path / "one", 1, "--steps", "4")
+    out = tmp_path / "two"
+    _train(tiny_model_dir, data, out, 2, "--steps", "2", "--save-every", "1")
+    _train(tiny_model_dir, data, out, 2, "--steps", "4", "--resume")
+    train_losses, straight = _losses(out), _losses(tmp_path / "one")
+    # the resumed run: its first two steps, then (after the checkpoint) steps 3 and 4
+    assert train_losses[1:3] == pytest.approx(straight[1:3], rel=1e-4)
+    assert train_losses[-2:] == pytest.approx(straight[-2:], rel=1e-4)
+    _same_adapter(tmp_path / "one", out)
