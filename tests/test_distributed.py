@@ -73,3 +73,28 @@ def test_two_ranks_resume_a_run_where_it_stopped(tiny_model_dir, tmp_path):
     assert train_losses[1:3] == pytest.approx(straight[1:3], rel=1e-4)
     assert train_losses[-2:] == pytest.approx(straight[-2:], rel=1e-4)
     _same_adapter(tmp_path / "one", out)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_ranks_started_with_different_settings_are_refused(tiny_model_dir, tmp_path):
+    """Each rank reads its own flags; a rank whose settings differ from rank 0's would train
+    another run. Refused on every rank, before the output directory is touched."""
+    launcher = tmp_path / "mixed.py"
+    launcher.write_text(
+        "import os, sys\n"
+        "from lorakit.cli import main\n"
+        "lr = '1e-2' if os.environ['RANK'] == '0' else '1e-3'\n"
+        "sys.exit(main([*sys.argv[1:], '--lr', lr]))\n"
+    )
+    argv = ["train", "--model", str(tiny_model_dir), "--data", str(_data(tmp_path))]
+    argv += ["--out", str(tmp_path / "run"), "--steps", "2", "--seq-len", "64", "--device", "cpu"]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + [str(launcher), *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0
+    assert "were started with settings other than rank 0's" in done.stderr
+    assert not (tmp_path / "run").exists()
