@@ -17,7 +17,7 @@ from lorakit.models.chat import encode_prompt, pad_id
 from lorakit.models.precision import autocast, resolve_device
 from lorakit.training import data as D
 from lorakit.training.config import TrainConfig, validate
-from lorakit.training.distributed import is_main, leave
+from lorakit.training.distributed import is_main, join, leave
 from lorakit.training.rundir import TrainResult, check_out_dir
 from lorakit.training.trainer import load_for_training, train
 
@@ -126,6 +126,7 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
     if cfg.eval_data:
         D.load_examples(cfg.eval_data, cfg.skip_bad_lines)
     device = resolve_device(cfg.device)
+    join(device)  # under torchrun: this rank's GPU chosen before the model goes to one
     model, tokenizer, source = load_for_training(cfg, device)
     result = train(cfg, model, tokenizer, base_name=source.name)
     if result.interrupted or samples <= 0 or not is_main():

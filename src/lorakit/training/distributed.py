@@ -40,9 +40,14 @@ def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def ranks() -> int:
+    """How many processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether this process is one of several started by torchrun."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return ranks() > 1
 
 
 def join(device: torch.device) -> World:
@@ -53,7 +58,9 @@ def join(device: torch.device) -> World:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+            # NCCL for the CUDA gradients, gloo for the few CPU scalars (settings, stop, losses)
+            backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=TIMEOUT)
         except (RuntimeError, ValueError) as e:
             raise LorakitError(
                 f"torchrun: this rank could not reach the others ({e}); check --master-addr "

@@ -46,6 +46,7 @@ from lorakit.training.distributed import (
     check_same_settings,
     join,
     my_share,
+    ranks,
     sum_floats,
     sum_gradients,
 )
@@ -86,20 +87,22 @@ def micro_batch_size(
 ) -> int:
     """Sequences per forward/backward pass. Splitting a batch gives the same gradients (the
     loss is normalised over the whole step) and keeps activations small. Auto: the whole batch
-    on a GPU; on a CPU computing in 16 bits (`dtype`, default the device's), about PASS_TOKENS
-    tokens for a small model (hidden size under 1024), whose 512-token passes are bound by
+    (under torchrun, a rank's share of it) on a GPU; on a CPU computing in 16 bits (`dtype`,
+    default the device's), about PASS_TOKENS tokens for a small model (hidden size under
+    1024), whose 512-token passes are bound by
     per-operation overhead; else one sequence: a larger model's matmuls run at full speed with
     one, and in fp32 (a CPU without BF16) activations take twice the memory for little speed
     (SmolLM2, 16 x 512 tokens a step: 4 sequences a pass 79 tokens/s at 5.2 GB peak, 2 55 at
     3.4 GB, 1 68 at 2.3 GB; BENCHMARKS.md)."""
     if cfg.micro_batch:
         return min(cfg.micro_batch, cfg.batch_size)
+    share = math.ceil(cfg.batch_size / ranks())  # under torchrun: every rank gets a pass
     if device.type != "cpu":
-        return cfg.batch_size
+        return share
     dtype = dtype or default_dtype(device)
     if model.config.get_text_config().hidden_size >= 1024 or dtype == torch.float32:
         return 1
-    return max(1, min(cfg.batch_size, PASS_TOKENS // cfg.seq_len))
+    return max(1, min(share, PASS_TOKENS // cfg.seq_len))
 
 
 def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
@@ -361,7 +364,7 @@ def train(
     micro = micro_batch_size(cfg, device, model)
     with training_setup(model, cfg, device, dtype, micro):
         packed = keeps_examples_apart(model, device, dtype)
-        if not packed:
+        if not packed and world.main:
             print(
                 f"note: {model.config.model_type} does not keep packed examples apart; "
                 "training one example per row (padded), which is slower"
