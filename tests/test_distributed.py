@@ -5,6 +5,7 @@ resume across ranks."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,21 @@ def _train(model_dir, data, out, ranks: int, *extra: str) -> subprocess.Complete
     done = subprocess.run([*launcher, *argv, *extra], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def _children(pid: int) -> list[str]:
+    """The processes whose parent is `pid` (torchrun's workers), from /proc."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(stat.parent.name)
+    return sorted(found, key=int)
 
 
 def _losses(out) -> list[float]:
@@ -99,3 +115,36 @@ def test_ranks_started_with_different_settings_are_refused(tiny_model_dir, tmp_p
     assert done.returncode != 0
     assert "were started with settings other than rank 0's" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="finds workers in /proc")
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_a_rank_killed_mid_run_stops_all_and_resume_goes_on(tiny_model_dir, tmp_path):
+    """kill -9 of one rank: torchrun ends the other, the run stops with an error, and --resume
+    (two ranks again) finishes it from the last complete checkpoint."""
+    import signal
+    import time
+
+    data, out = _data(tmp_path), tmp_path / "run"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    argv += ["-m", "lorakit", "train", "--model", str(tiny_model_dir), "--data", str(data)]
+    argv += ["--out", str(out), "--seq-len", "64", "--micro-batch", "1", "--samples", "0"]
+    argv += ["--device", "cpu", "--steps", "400", "--save-every", "1", "--schedule", "constant"]
+    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    state = out / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and launcher.poll() is None:
+        time.sleep(0.05)
+    assert state.exists() and launcher.poll() is None, "the run ended before its first checkpoint"
+    workers = _children(launcher.pid)
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    launcher.communicate(timeout=120)
+    assert launcher.returncode != 0  # the run stopped, all of it: no rank is left running
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
+    step = json.loads(state.read_text())["step"]
+    assert 1 <= step < 400
+    _train(tiny_model_dir, data, out, 2, "--steps", str(step + 2), "--resume")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r][-2:] == [step + 1, step + 2]
+    assert (out / "adapter_model.safetensors").is_file()
