@@ -29,11 +29,12 @@ from lorakit.models.precision import autocast
 MAX_LABELS = 10
 OTHER = "(other)"
 BATCH = 8  # answers generated together (left-padded rows)
+PUNCTUATION = frozenset(string.punctuation)
 
 
 def normalize(text: str) -> str:
     """SQuAD's answer normalisation: lower case, no punctuation, no a/an/the, single spaces."""
-    text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+    text = "".join(c for c in text.lower() if c not in PUNCTUATION)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -82,9 +83,7 @@ def score(answers: list[str], references: list[str]) -> TaskScores:
     result = TaskScores(len(answers), exact / max(len(answers), 1), answers=answers)
     labels = label_set(references)
     if labels is not None:
-        pairs = [
-            (normalize(r), as_label(a, labels)) for a, r in zip(answers, references, strict=True)
-        ]
+        pairs = [(normalize(r), as_label(a, labels)) for a, r in both]
         result.accuracy = sum(r == a for r, a in pairs) / len(pairs)
         counts = Counter(pairs)
         result.confusion = {r: {a: counts[(r, a)] for a in [*labels, OTHER]} for r in labels}

@@ -35,6 +35,9 @@ class World:
         return self.rank == 0
 
 
+ALONE = World()  # one process, no torchrun
+
+
 def is_main() -> bool:
     """Whether this process prints and writes: rank 0, or the only process."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -53,7 +56,7 @@ def launched() -> bool:
 def join(device: torch.device) -> World:
     """This process's place among torchrun's (the process group set up once); World() alone."""
     if not launched():
-        return World()
+        return ALONE
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

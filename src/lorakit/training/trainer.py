@@ -39,6 +39,7 @@ from lorakit.training import data as D
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig, check_fits_model, check_rank, to_json, validate
 from lorakit.training.distributed import (
+    ALONE,
     SilentMetrics,
     World,
     any_rank,
@@ -67,7 +68,7 @@ from lorakit.training.rundir import (
 )
 from lorakit.training.schedule import lr_factor, short_run_note, warmup_steps
 
-# --- data order ---------------------------------------------------------------------
+# --- data order ----------------------------------------------------------------------------------
 
 
 def batch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
@@ -89,11 +90,11 @@ def micro_batch_size(
     loss is normalised over the whole step) and keeps activations small. Auto: the whole batch
     (under torchrun, a rank's share of it) on a GPU; on a CPU computing in 16 bits (`dtype`,
     default the device's), about PASS_TOKENS tokens for a small model (hidden size under
-    1024), whose 512-token passes are bound by
-    per-operation overhead; else one sequence: a larger model's matmuls run at full speed with
-    one, and in fp32 (a CPU without BF16) activations take twice the memory for little speed
-    (SmolLM2, 16 x 512 tokens a step: 4 sequences a pass 79 tokens/s at 5.2 GB peak, 2 55 at
-    3.4 GB, 1 68 at 2.3 GB; BENCHMARKS.md)."""
+    1024), whose 512-token passes are bound by per-operation overhead; else one sequence: a
+    larger model's matmuls run at full speed with one, and in fp32 (a CPU without BF16)
+    activations take twice the memory for little speed (SmolLM2, 16 x 512 tokens a step: 4
+    sequences a pass 79 tokens/s at 5.2 GB peak, 2 55 at 3.4 GB, 1 68 at 2.3 GB;
+    BENCHMARKS.md)."""
     if cfg.micro_batch:
         return min(cfg.micro_batch, cfg.batch_size)
     share = math.ceil(cfg.batch_size / ranks())  # under torchrun: every rank gets a pass
@@ -191,12 +192,12 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype,
     cfg: TrainConfig,
-    world: World | None = None,
+    world: World = ALONE,
 ) -> dict:
     """One optimizer step over `batches` (the accumulated micro-batches; under torchrun this
     rank takes its share, and the adapter's gradients are summed); returns its metrics."""
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    loss_total, tokens, world = 0.0, 0, world or World()
+    loss_total, tokens = 0.0, 0
     with reused_logits():
         for batch in my_share(batches, world):
             batch = {k: v.to(device) for k, v in batch.items()}
