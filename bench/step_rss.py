@@ -51,7 +51,7 @@ def main() -> None:
     trainer.attach_adapter(model, cfg)
     model.train()
     if args.grad_checkpointing == "on":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer.checkpoint_layers(model)
     for i, layer in enumerate(model.model.layers):
         if i % 5 == 0:
             layer.register_forward_hook(

@@ -131,6 +131,12 @@ def run_training(cfg: TrainConfig, samples: int = 3) -> tuple[TrainResult, list[
     result = train(cfg, model, tokenizer, base_name=source.name)
     if result.interrupted or samples <= 0 or not is_main():
         return result, []
+    if cfg.shard_base:  # answering would need every rank's shard, one token at a time
+        print(
+            f"(no sample answers: the base is split over the ranks; run `lorakit generate "
+            f"--model {cfg.model} --adapter {cfg.out}` to see the tuned model's answers)"
+        )
+        return result, []
     with torch.no_grad():
         return result, held_out_answers(model, tokenizer, cfg, samples)
 
@@ -211,6 +217,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=["auto", "on", "off"],
         help="keep the 4-bit base dequantized during the run: faster, costs its bf16 size "
         "(default auto: on when that is under 1/8 of free memory)",
+    )
+    t(
+        "--shard-base",
+        action="store_true",
+        default=None,
+        help="under torchrun: split the 4-bit base over the ranks (FSDP2), for a base bigger "
+        "than one device",
     )
     t("--train-on-prompt", action="store_true", default=None, help="loss on prompt tokens too")
     t("--skip-bad-lines", action="store_true", default=None, help="skip malformed data lines")

@@ -133,17 +133,55 @@ class NF4Linear(nn.Module):
     @property
     def state(self) -> NF4State:
         """The NF4State of the weight, built from the current buffers (so on their device)."""
+        packed, absmax, scale = self.packed, self.absmax, self.absmax_scale
+        if self.__dict__.get("in_blocks"):  # as_blocks: the flat tensors are their first values
+            numel, blocks = self.weight_shape.numel(), self._blocks()
+            packed = packed.reshape(-1)[: (numel + 1) // 2]
+            absmax = absmax.reshape(-1)[:blocks]
+            if scale is not None:
+                scale = scale.reshape(-1)[: -(-blocks // self.blocksize2)]
         return NF4State(
-            packed=self.packed,
-            absmax=_from_bits(self.absmax),
+            packed=packed,
+            absmax=_from_bits(absmax),
             shape=self.weight_shape,
             dtype=self.weight_dtype,
             blocksize=self.blocksize,
             offset=self.offset,
-            absmax_scale=_from_bits(self.absmax_scale),
+            absmax_scale=_from_bits(scale),
             absmax_code=_from_bits(self.absmax_code),
             blocksize2=self.blocksize2,
         )
+
+    def _blocks(self) -> int:
+        return -(-self.weight_shape.numel() // self.blocksize)
+
+    def as_blocks(self) -> None:
+        """Keep the 4-bit weight as frozen parameters whose rows are whole super-blocks
+        (`blocksize2` blocks: 16,384 weights, 8 KB of codes, 256 block scales and one scale of
+        the scales at the defaults), the last one padded: what FSDP2 (training.sharding) shards
+        over the ranks, cutting along rows, so that a shard never splits a block. The codes stay
+        in bitsandbytes' layout; `state` reads the first values. Irreversible; the compiled
+        decoding kernel and the weight cache stay off (a shard is not the whole weight)."""
+        if self.__dict__.get("in_blocks"):
+            return
+        per, rows = self.blocksize2, -(-self._blocks() // self.blocksize2)
+
+        def rows_of(t: Tensor, width: int) -> nn.Parameter:
+            flat = torch.zeros(rows * width, dtype=t.dtype, device=t.device)
+            flat[: t.numel()] = t.reshape(-1)
+            return nn.Parameter(flat.view(rows, width), requires_grad=False)
+
+        blocked = {
+            "packed": rows_of(self.packed, per * self.blocksize // 2),
+            "absmax": rows_of(self.absmax, per),
+        }
+        if self.absmax_scale is not None:
+            blocked["absmax_scale"] = rows_of(self.absmax_scale, 1)
+        for name, param in blocked.items():
+            del self._buffers[name]
+            self.register_parameter(name, param)
+        self.__dict__["in_blocks"] = True
+        self.__dict__.pop("_kernel_weight", None)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (out, in) weight in ``dtype`` (default: the dtype it was quantized from); from
@@ -203,6 +241,8 @@ class NF4Linear(nn.Module):
         """The prepared call for this weight: the fused backend's (CUDA, or forced by
         LORAKIT_NF4_BACKEND), else the compiled CPU kernel's, or None where neither runs;
         prepared again if the buffers moved (`.to(device)`) or the backend changed."""
+        if self.__dict__.get("in_blocks"):
+            return None
         name = nf4_backend.backend(device)
         key = (device, self.packed.data_ptr(), name)
         cached = self.__dict__.get("_kernel_weight")

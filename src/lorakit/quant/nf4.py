@@ -150,13 +150,13 @@ def _scale_blocks(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
 
 
 def _unscale_blocks_(values: Tensor, scales: Tensor, blocksize: int) -> Tensor:
-    """In place: multiply each block of the 1-D float32 ``values`` by its scale; a shorter last
-    block takes the last scale."""
+    """In place: multiply each block of the 1-D float32 ``values`` by its scale (``scales`` may
+    run on past the blocks: a shard's padded rows, `NF4Linear.as_blocks`)."""
     n = values.numel()
     full = n - n % blocksize
     values[:full].view(-1, blocksize).mul_(scales[: full // blocksize, None])
     if full < n:
-        values[full:].mul_(scales[-1])
+        values[full:].mul_(scales[full // blocksize])
     return values
 
 

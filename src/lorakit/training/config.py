@@ -12,6 +12,7 @@ from torch import nn
 from lorakit.errors import LorakitError
 from lorakit.lora.layer import adapter_names, is_linear_like, layer_features
 from lorakit.models.loading import context_length
+from lorakit.training.distributed import ranks
 from lorakit.training.loss import CHUNK
 from lorakit.training.schedule import SCHEDULES
 
@@ -48,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: str = "auto"  # auto, on, off
     cache_weights: str = "auto"  # keep the base dequantized for the run: auto (if small), on, off
+    shard_base: bool = False  # under torchrun: split the 4-bit base over the ranks (FSDP2)
     train_on_prompt: bool = False  # also put loss on prompt tokens
     skip_bad_lines: bool = False  # skip (and count) malformed data lines instead of failing
     device: str = "auto"  # auto, cpu, cuda
@@ -151,6 +153,20 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.cache_weights in ("auto", "on", "off"), "--cache-weights: auto, on or off"),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
+        (
+            not cfg.shard_base or ranks() > 1,
+            "--shard-base splits the 4-bit base over torchrun's processes; start the run with "
+            "torchrun --nproc-per-node N -m lorakit train ... (N of 2 or more)",
+        ),
+        (
+            not cfg.shard_base or cfg.quant == "nf4",
+            "--shard-base splits the 4-bit base over the ranks; it needs --quant nf4",
+        ),
+        (
+            not cfg.shard_base or cfg.cache_weights != "on",
+            "--cache-weights on keeps the whole base dequantized on every rank, which "
+            "--shard-base is there to avoid; drop one of them",
+        ),
     ]
     for ok, message in checks:
         if not ok:

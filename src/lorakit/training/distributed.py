@@ -93,6 +93,16 @@ def my_share(items: list, world: World) -> list:
     return items[world.rank :: world.size]
 
 
+def my_passes(items: list, world: World, even: bool = False) -> list[tuple[object, float]]:
+    """This rank's share as (micro-batch, loss weight) pairs. `even` (a sharded base, whose
+    every pass gathers with all ranks): every rank runs the same number of passes, a rank short
+    of micro-batches repeating one at weight 0 (its gradients add nothing)."""
+    share = [(item, 1.0) for item in my_share(items, world)]
+    if even and items:
+        share += [(items[0], 0.0)] * (-(-len(items) // world.size) - len(share))
+    return share
+
+
 def sum_gradients(params: list[nn.Parameter], world: World) -> None:
     """Sum the adapter's gradients over the ranks, in one flat all-reduce."""
     if world.size == 1:

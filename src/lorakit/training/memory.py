@@ -4,8 +4,9 @@ refusal, before the weights load, when the run cannot fit the device, naming wha
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -18,9 +19,11 @@ from lorakit.lora.targets import (
     lora_param_count,
     resolve_targets,
 )
+from lorakit.models.precision import default_dtype
 from lorakit.quant.bnb_format import is_prequantized
 from lorakit.quant.linear import free_memory
 from lorakit.training.config import TrainConfig, parse_size
+from lorakit.training.distributed import ranks
 
 GiB = 2**30
 # Bytes a transformer layer keeps for backward per token and hidden unit in 16 bits, attention
@@ -85,6 +88,15 @@ def estimate(
         codes=linear // 2 if nf4 else 0,
         mapped=nf4 and torch.device(device).type == "cpu" and _codes_in_file(model),
     )
+
+
+def sharded(est: MemoryEstimate, shards: int, layers: int) -> MemoryEstimate:
+    """`est` with the 4-bit layers split over `shards` ranks (--shard-base, training.sharding):
+    each rank keeps its share of them plus two decoder layers' gathered whole (the one running
+    and the next, prefetched); the rest of the base stays whole, and nothing is memory-mapped."""
+    four_bit = est.codes * NF4_BITS // 4
+    kept = four_bit // shards + 2 * four_bit // max(layers, 1)
+    return replace(est, base=est.base - four_bit + kept, mapped=False)
 
 
 def _codes_in_file(model: nn.Module) -> bool:
@@ -154,6 +166,15 @@ def check_run(est: MemoryEstimate, cfg: TrainConfig, device: torch.device) -> No
         print(note)
 
 
+def fits(est: MemoryEstimate, cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether `check_run` would let the run go (quietly)."""
+    try:
+        choose(est, run_budget(cfg, device), cfg.grad_checkpointing, cfg.cache_weights)
+    except LorakitError:
+        return False
+    return True
+
+
 def choose(
     est: MemoryEstimate, budget: int, grad_checkpointing: str, cache_weights: str
 ) -> tuple[bool, bool]:
@@ -204,3 +225,32 @@ def choose(
                 f" use --cache-weights off (about {_gib(est.total(checkpointing, False))})"
             )
     return checkpointing, cache
+
+
+# Tokens per pass for a small model on CPU. SmolLM2-135M, sequences of 512 tokens, throwaway
+# in-process A/Bs: two per pass instead of one 4.35 -> 4.12 s per 4 sequences; four instead of
+# two 4.47 -> 4.34 and 4.45 -> 4.32 s (peak RSS over 16-sequence steps ~1500 -> ~2050 MB).
+PASS_TOKENS = 2048
+
+
+def micro_batch_size(
+    cfg: TrainConfig, device: torch.device, model: nn.Module, dtype: torch.dtype | None = None
+) -> int:
+    """Sequences per forward/backward pass. Splitting a batch gives the same gradients (the
+    loss is normalised over the whole step) and keeps activations small. Auto: the whole batch
+    (under torchrun, a rank's share of it) on a GPU; on a CPU computing in 16 bits (`dtype`,
+    default the device's), about PASS_TOKENS tokens for a small model (hidden size under
+    1024), whose 512-token passes are bound by per-operation overhead; else one sequence: a
+    larger model's matmuls run at full speed with one, and in fp32 (a CPU without BF16)
+    activations take twice the memory for little speed (SmolLM2, 16 x 512 tokens a step: 4
+    sequences a pass 79 tokens/s at 5.2 GB peak, 2 55 at 3.4 GB, 1 68 at 2.3 GB;
+    BENCHMARKS.md)."""
+    if cfg.micro_batch:
+        return min(cfg.micro_batch, cfg.batch_size)
+    share = math.ceil(cfg.batch_size / ranks())  # under torchrun: every rank gets a pass
+    if device.type != "cpu":
+        return share
+    dtype = dtype or default_dtype(device)
+    if model.config.get_text_config().hidden_size >= 1024 or dtype == torch.float32:
+        return 1
+    return max(1, min(share, PASS_TOKENS // cfg.seq_len))

@@ -46,7 +46,7 @@ from lorakit.training.distributed import (
     barrier,
     check_same_settings,
     join,
-    my_share,
+    my_passes,
     ranks,
     sum_floats,
     sum_gradients,
@@ -54,6 +54,7 @@ from lorakit.training.distributed import (
 from lorakit.training.interrupt import stop_on_interrupt
 from lorakit.training.loftq import loftq_init
 from lorakit.training.loss import causal_lm_loss, evaluate, reused_logits
+from lorakit.training.memory import PASS_TOKENS, micro_batch_size  # noqa: F401 (API)
 from lorakit.training.packing import keeps_examples_apart, unpacked
 from lorakit.training.rundir import (
     Metrics,
@@ -67,6 +68,7 @@ from lorakit.training.rundir import (
     write_model_card,
 )
 from lorakit.training.schedule import lr_factor, short_run_note, warmup_steps
+from lorakit.training.sharding import shard_base
 
 # --- data order ----------------------------------------------------------------------------------
 
@@ -77,44 +79,27 @@ def batch_order(n_batches: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_batches, generator=g).tolist()
 
 
-# Tokens per pass for a small model on CPU. SmolLM2-135M, sequences of 512 tokens, throwaway
-# in-process A/Bs: two per pass instead of one 4.35 -> 4.12 s per 4 sequences; four instead of
-# two 4.47 -> 4.34 and 4.45 -> 4.32 s (peak RSS over 16-sequence steps ~1500 -> ~2050 MB).
-PASS_TOKENS = 2048
-
-
-def micro_batch_size(
-    cfg: TrainConfig, device: torch.device, model: nn.Module, dtype: torch.dtype | None = None
-) -> int:
-    """Sequences per forward/backward pass. Splitting a batch gives the same gradients (the
-    loss is normalised over the whole step) and keeps activations small. Auto: the whole batch
-    (under torchrun, a rank's share of it) on a GPU; on a CPU computing in 16 bits (`dtype`,
-    default the device's), about PASS_TOKENS tokens for a small model (hidden size under
-    1024), whose 512-token passes are bound by per-operation overhead; else one sequence: a
-    larger model's matmuls run at full speed with one, and in fp32 (a CPU without BF16)
-    activations take twice the memory for little speed (SmolLM2, 16 x 512 tokens a step: 4
-    sequences a pass 79 tokens/s at 5.2 GB peak, 2 55 at 3.4 GB, 1 68 at 2.3 GB;
-    BENCHMARKS.md)."""
-    if cfg.micro_batch:
-        return min(cfg.micro_batch, cfg.batch_size)
-    share = math.ceil(cfg.batch_size / ranks())  # under torchrun: every rank gets a pass
-    if device.type != "cpu":
-        return share
-    dtype = dtype or default_dtype(device)
-    if model.config.get_text_config().hidden_size >= 1024 or dtype == torch.float32:
-        return 1
-    return max(1, min(share, PASS_TOKENS // cfg.seq_len))
-
-
 def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Any, Any]:
     """`load_model` for cfg; a run that cannot fit is refused before a weight is read."""
 
     def check(meta: nn.Module) -> None:
         micro = micro_batch_size(cfg, device, meta)
         est = memory.estimate(meta, cfg, default_dtype(device), micro, device=device)
+        layers = meta.config.get_text_config().num_hidden_layers
+        split = memory.sharded(est, ranks(), layers)
+        if cfg.shard_base:
+            est = split
+        elif ranks() > 1 and not memory.fits(est, cfg, device) and memory.fits(split, cfg, device):
+            raise LorakitError(
+                f"this run does not fit one device; add --shard-base to split the 4-bit base "
+                f"over the {ranks()} ranks (`lorakit plan` shows the numbers)"
+            )
         memory.check_run(est, cfg, device)
 
-    return load_model(cfg.model, quant=cfg.quant, device=device, before_weights=check)
+    # A sharded base is loaded on the CPU (memory-mapped where it is stored in 4 bits), then
+    # each rank moves its shard alone to its device.
+    load_on = torch.device("cpu") if cfg.shard_base else device
+    return load_model(cfg.model, quant=cfg.quant, device=load_on, before_weights=check)
 
 
 def adapter_config_for(cfg: TrainConfig, peft_targets: object, base_name: str) -> AdapterConfig:
@@ -167,18 +152,25 @@ def training_setup(
         replace(est, base=0, codes=0, mapped=False),  # the base is loaded: none of it counts
         memory.run_budget(cfg, device),
         cfg.grad_checkpointing,
-        cfg.cache_weights,
+        "off" if cfg.shard_base else cfg.cache_weights,  # a rank holds a shard, not the base
     )
     with ExitStack() as stack:
         stack.enter_context(training_patches(model, packed_attention))
         if checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-            stack.callback(model.gradient_checkpointing_disable)
+            stack.callback(checkpoint_layers(model))
         if cache:
             stack.enter_context(dequantized_weights(model, dtype))
         yield
+
+
+def checkpoint_layers(model: nn.Module) -> Callable[[], None]:
+    """Turn on transformers' activation checkpointing (non-reentrant); returns what turns it
+    off. (transformers 5 renamed gradient_checkpointing_enable and warns on the old name.)"""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        return model.activation_checkpointing_disable
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.gradient_checkpointing_disable
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -199,14 +191,14 @@ def train_step(
     n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     loss_total, tokens = 0.0, 0
     with reused_logits():
-        for batch in my_share(batches, world):
+        for batch, weight in my_passes(batches, world, even=cfg.shard_base):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(device, dtype):
                 loss_sum, _ = causal_lm_loss(model, batch, cfg.loss_chunk)
             # Normalise by the step's labelled tokens: accumulating equals one big batch.
-            (loss_sum / max(n_total, 1)).backward()
-            loss_total += loss_sum.item()
-            tokens += int(batch["real_tokens"])
+            (loss_sum * weight / max(n_total, 1)).backward()
+            loss_total += loss_sum.item() * weight
+            tokens += int(batch["real_tokens"]) * int(weight)
             del batch, loss_sum
     sum_gradients(trainable, world)
     loss_total, tokens = sum_floats([loss_total, tokens], world)
@@ -340,6 +332,10 @@ def train(
     dtype = default_dtype(device)
     train_set, eval_set, _ = D.build_datasets(cfg, tokenizer)
     _, peft_targets = attach_adapter(model, cfg, source)
+    if cfg.shard_base:
+        split = shard_base(model, world, device.type)
+        if world.main:
+            print(split.note(world))
     model.to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,84 @@
+"""The frozen 4-bit base sharded over torchrun's ranks (`lorakit train --shard-base`), FSDP2.
+
+Data parallel (training.distributed) keeps a whole base on every rank. A base bigger than one
+device is split instead: every NF4 layer's codes and scales become frozen parameters in whole
+super-blocks (`NF4Linear.as_blocks`), and PyTorch's FSDP2 (`fully_shard`) keeps 1/N of them on
+each rank, gathering one decoder layer's 4-bit weights just before it runs (forward, and again
+in backward) and freeing them after. What travels is the 4-bit state (~4.1 bits a weight), never
+a 16-bit copy. The rest of the transformer (embeddings, final norm) is the outer FSDP unit,
+gathered for the whole step; the training loss calls that transformer (`model.base_model`)
+and then the output head itself, so the head, outside it, stays whole on every rank (tied to
+the embeddings, it is the gathered embedding matrix). The adapter stays outside FSDP
+(`ignored_params`): each rank holds all of it, a few MB, and its gradients are summed as in data
+parallel, so checkpoints, resume and the saved adapter are unchanged.
+
+Every gather is a collective: all ranks must run the same passes. A rank whose share of a
+step's micro-batches is shorter runs a pass of zero weight (`distributed.my_passes`), and eval
+runs on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from lorakit.errors import LorakitError
+from lorakit.quant.linear import NF4Linear
+from lorakit.training.distributed import World
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: its longest ModuleList (`model.layers`, `h`, ...)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise LorakitError(
+            f"--shard-base: no stack of decoder layers found in {type(model).__name__}; train "
+            "without --shard-base"
+        )
+    return max(lists, key=len)
+
+
+@dataclass(frozen=True)
+class Sharded:
+    layers: int  # NF4 layers split
+    held: int  # bytes of their 4-bit state this rank holds
+    total: int  # bytes of it over all ranks (without the padding of the last super-block)
+
+    def note(self, world: World) -> str:
+        return (
+            f"base sharded: {self.layers} 4-bit layers split over {world.size} ranks; rank "
+            f"{world.rank} holds {self.held / 2**20:.1f} of their {self.total / 2**20:.1f} MB"
+        )
+
+
+def shard_base(model: nn.Module, world: World, device_type: str) -> Sharded:
+    """Shard the model's NF4 base over the ranks (FSDP2 units: each decoder layer, then the
+    transformer around them), the adapter left whole on every rank; returns what was split and
+    what this rank holds of it.
+    Moves what FSDP holds to the ranks' device (a CUDA rank's own GPU)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        raise LorakitError(
+            "--shard-base splits a 4-bit base; this run's base is not in NF4 (--quant none): "
+            "use --quant nf4 or drop --shard-base"
+        )
+    total = sum(layer.state.nbytes for layer in layers)
+    for layer in layers:
+        layer.as_blocks()
+    mesh = init_device_mesh(device_type, (world.size,))
+    adapter = {p for p in model.parameters() if p.requires_grad}
+    body = model.base_model  # what training.loss calls: the units' hooks must run in it
+    for block in decoder_layers(body):
+        fully_shard(block, mesh=mesh, ignored_params=adapter)
+    fully_shard(body, mesh=mesh, ignored_params=adapter)
+    held = sum(
+        p.to_local().nbytes
+        for layer in layers
+        for p in (layer.packed, layer.absmax, layer.absmax_scale)
+        if p is not None
+    )
+    return Sharded(len(layers), held, total)
