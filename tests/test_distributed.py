@@ -148,3 +148,18 @@ def test_a_rank_killed_mid_run_stops_all_and_resume_goes_on(tiny_model_dir, tmp_
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r][-2:] == [step + 1, step + 2]
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_more_ranks_than_a_step_has_sequences_is_refused(tiny_model_dir, tmp_path):
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    argv += ["-m", "lorakit", "train", "--model", str(tiny_model_dir), "--data"]
+    argv += [str(_data(tmp_path)), "--out", str(tmp_path / "run"), "--seq-len", "64"]
+    argv += ["--device", "cpu", "--steps", "2", "--batch-size", "1"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    # one line from each rank (torchrun then reports the failed workers its own way)
+    assert (
+        "error: a step has 1 sequence(s) (--batch-size x --grad-accum), fewer than" in done.stderr
+    )
+    assert not (tmp_path / "run").exists()

@@ -88,6 +88,22 @@ def check_same_settings(settings: str, world: World) -> None:
         )
 
 
+def check_enough_work(sequences: int, per_step: int, world: World) -> None:
+    """Refuse more ranks than there are sequences to share out (in the data, or in a step)."""
+    if world.size == 1:
+        return
+    if sequences < world.size:
+        raise LorakitError(
+            f"the data packs into {sequences} sequence(s), fewer than the {world.size} ranks; "
+            "start fewer processes (--nproc-per-node) or give more data"
+        )
+    if per_step < world.size:
+        raise LorakitError(
+            f"a step has {per_step} sequence(s) (--batch-size x --grad-accum), fewer than the "
+            f"{world.size} ranks, so some would idle; raise --batch-size to {world.size} or more"
+        )
+
+
 def my_share(items: list, world: World) -> list:
     """This rank's share of a step's micro-batches (every rank may get none)."""
     return items[world.rank :: world.size]

@@ -55,26 +55,28 @@ class Sharded:
 def shard_base(model: nn.Module, world: World, device_type: str) -> Sharded:
     """Shard the model's NF4 base over the ranks (FSDP2 units: each decoder layer, then the
     transformer around them), the adapter left whole on every rank; returns what was split and
-    what this rank holds of it.
-    Moves what FSDP holds to the ranks' device (a CUDA rank's own GPU)."""
+    what this rank holds of it. Moves what FSDP holds to the ranks' device (a CUDA rank's own
+    GPU)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    body = model.base_model  # what training.loss calls: the units' hooks must run in it
+    layers = [m for m in body.modules() if isinstance(m, NF4Linear)]
     if not layers:
         raise LorakitError(
             "--shard-base splits a 4-bit base; this run's base is not in NF4 (--quant none): "
             "use --quant nf4 or drop --shard-base"
         )
     total = sum(layer.state.nbytes for layer in layers)
-    for layer in layers:
-        layer.as_blocks()
     mesh = init_device_mesh(device_type, (world.size,))
     adapter = {p for p in model.parameters() if p.requires_grad}
-    body = model.base_model  # what training.loss calls: the units' hooks must run in it
-    for block in decoder_layers(body):
-        fully_shard(block, mesh=mesh, ignored_params=adapter)
-    fully_shard(body, mesh=mesh, ignored_params=adapter)
+    # Layer by layer: a decoder layer's whole 4-bit state exists (as_blocks copies it) only until
+    # fully_shard has kept this rank's rows, so no rank ever holds the whole base.
+    for unit in [*decoder_layers(body), body]:
+        for layer in unit.modules():
+            if isinstance(layer, NF4Linear):
+                layer.as_blocks()
+        fully_shard(unit, mesh=mesh, ignored_params=adapter)
     held = sum(
         p.to_local().nbytes
         for layer in layers

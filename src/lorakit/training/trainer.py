@@ -44,6 +44,7 @@ from lorakit.training.distributed import (
     World,
     any_rank,
     barrier,
+    check_enough_work,
     check_same_settings,
     join,
     my_passes,
@@ -331,6 +332,7 @@ def train(
     base_name = base_name or cfg.model
     dtype = default_dtype(device)
     train_set, eval_set, _ = D.build_datasets(cfg, tokenizer)
+    check_enough_work(len(train_set), cfg.batch_size * cfg.grad_accum, world)
     _, peft_targets = attach_adapter(model, cfg, source)
     if cfg.shard_base:
         split = shard_base(model, world, device.type)
