@@ -3,6 +3,7 @@ a whole 4-bit base each; with the weight cache as `auto` picks, and off as a sha
 it), and N ranks with `--shard-base` (the base split over them, FSDP2).
 
     python bench/shard_memory.py MODEL [--ranks 2] [--steps 2] [--seq-len 512] [--batch-size 2]
+        [--runs 0,1,2,3]
 
 Each run trains MODEL on the embedded data (one held-out example for the evaluations, so that
 they stay short) in a fresh process tree; every worker's peak resident memory (VmHWM, polled
@@ -35,31 +36,38 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def peak_kib(pid: int) -> int | None:
+def status_kib(pid: int, field: str) -> int | None:
+    """A memory figure of /proc/PID/status (VmHWM: peak resident; RssAnon: resident now, less
+    the file pages a memory-mapped checkpoint brings in, which the system can drop)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     except OSError:
         return None
     return None
 
 
-def run(argv: list[str], workers: int) -> tuple[list[float], float]:
-    """Run `argv`; the peak RSS (GiB) of its `workers` biggest processes, and the wall time."""
+def run(argv: list[str], workers: int) -> tuple[list[float], list[float], float]:
+    """Run `argv`; the peak RSS and the highest anonymous RSS seen (GiB) of its `workers`
+    biggest processes, and the wall time."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks: dict[int, int] = {}
+    anon: dict[int, int] = {}
     while proc.poll() is None:
         for pid in descendants(proc.pid):
-            if (kib := peak_kib(pid)) is not None:
+            if (kib := status_kib(pid, "VmHWM")) is not None:
                 peaks[pid] = max(peaks.get(pid, 0), kib)
+            if (kib := status_kib(pid, "RssAnon")) is not None:
+                anon[pid] = max(anon.get(pid, 0), kib)
         time.sleep(0.2)
     out = proc.stdout.read()
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(argv)}\n{out[-3000:]}")
-    top = sorted(peaks.values(), reverse=True)[:workers]
-    return [k / 2**20 for k in top], time.perf_counter() - t0
+    top = sorted(peaks, key=peaks.get, reverse=True)[:workers]
+    wall = time.perf_counter() - t0
+    return [peaks[p] / 2**20 for p in top], [anon[p] / 2**20 for p in top], wall
 
 
 def main() -> None:
@@ -69,6 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--runs", default="0,1,2,3", help="which rows to run (0-3), default all")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="shard-memory-"))
     held_out = tmp / "eval.jsonl"
@@ -88,15 +97,27 @@ def main() -> None:
         f"{args.ranks} ranks, --shard-base": ([*torchrun, *common, "--shard-base"], args.ranks),
     }
     print(f"{args.model}: {args.steps} steps of {args.batch_size} x {args.seq_len} tokens\n")
-    print("| run | peak RSS per process (GiB) | all processes (GiB) | wall (s) | losses |")
-    print("|---|---|---|---|---|")
+    print(
+        "| run | peak RSS per process (GiB) | all processes | peak anonymous RSS per process "
+        "| s/step | wall (s) | losses |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    chosen = {int(i) for i in args.runs.split(",")}
     for i, (name, (argv, workers)) in enumerate(runs.items()):
+        if i not in chosen:
+            continue
         out = tmp / f"run{i}"
-        peaks, wall = run([*argv, "--out", str(out)], workers)
+        peaks, anon, wall = run([*argv, "--out", str(out)], workers)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses = ", ".join(f"{r['loss']:.4f}" for r in rows if "loss" in r)
-        each = " / ".join(f"{p:.2f}" for p in peaks)
-        print(f"| {name} | {each} | {sum(peaks):.2f} | {wall:.0f} | {losses} |", flush=True)
+        steps = [r for r in rows if "loss" in r]
+        losses = ", ".join(f"{r['loss']:.4f}" for r in steps)
+        per_step = (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / max(len(steps) - 1, 1)
+        each, each_anon = (" / ".join(f"{p:.2f}" for p in v) for v in (peaks, anon))
+        print(
+            f"| {name} | {each} | {sum(peaks):.2f} | {each_anon} | {per_step:.1f} | {wall:.0f} "
+            f"| {losses} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

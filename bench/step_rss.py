@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     args = p.parse_args()
 
+    from lorakit.models.patches import checkpoint_layers
     from lorakit.training import trainer
     from lorakit.training.config import TrainConfig
     from lorakit.training.loss import causal_lm_loss, reused_logits
@@ -51,7 +52,7 @@ def main() -> None:
     trainer.attach_adapter(model, cfg)
     model.train()
     if args.grad_checkpointing == "on":
-        trainer.checkpoint_layers(model)
+        checkpoint_layers(model)
     for i, layer in enumerate(model.model.layers):
         if i % 5 == 0:
             layer.register_forward_hook(

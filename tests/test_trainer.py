@@ -219,7 +219,8 @@ def test_resume_from_a_checkpoint_that_does_not_fit_or_is_corrupt(
     (run / "train_config.json").unlink()  # past the early check: the tensors must tell
     with pytest.raises(LorakitError, match=r"does not match this run's adapter \(.* is \(4, "):
         _run(_cfg(tmp_path, data_file, steps=3, rank=8, resume=True), tiny_tokenizer)
-    (run / "checkpoint" / "state.json").write_text("{truncated")
+    state = run / "checkpoint" / "state.safetensors"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated
     with pytest.raises(LorakitError, match="unreadable or corrupt .* --overwrite"):
         _run(_cfg(tmp_path, data_file, steps=3, rank=4, resume=True), tiny_tokenizer)
 

@@ -31,13 +31,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
     try:
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data on disk before the name points at it
         os.replace(tmp, path)
+        sync_dir(path.parent)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the system lets a directory be synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_dir(out: Path, write: Callable[[Path], None]) -> None:

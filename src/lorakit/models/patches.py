@@ -122,3 +122,13 @@ def training_patches(model: nn.Module, packed_attention: bool = True) -> Iterato
             _set_forward(stack, m, _mlp_forward)
         done.update(norms=len(norms), mlps=len(mlps), rotary=_patch_rotary(stack, model))
         yield done
+
+
+def checkpoint_layers(model: nn.Module) -> Callable[[], None]:
+    """Turn on transformers' activation checkpointing (non-reentrant); returns what turns it
+    off. (transformers 5 renamed gradient_checkpointing_enable and warns on the old name.)"""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        return model.activation_checkpointing_disable
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.gradient_checkpointing_disable

@@ -35,6 +35,7 @@ import torch
 
 from lorakit.errors import LorakitError
 from lorakit.models import chat
+from lorakit.training.distributed import is_main
 
 if TYPE_CHECKING:
     from lorakit.training.config import TrainConfig
@@ -376,7 +377,7 @@ def collate(
 def build_datasets(cfg: TrainConfig, tokenizer: Any) -> tuple[list, list, list[dict]]:
     """Packed train and eval sequences, and the eval examples (for before/after answers)."""
     examples = load_examples(cfg.data or default_dataset_path(), cfg.skip_bad_lines)
-    if examples.skipped:
+    if examples.skipped and is_main():
         print(f"skipped {examples.skipped} bad line(s) in {cfg.data}")
     if cfg.eval_data:
         train_ex, eval_ex = list(examples), list(load_examples(cfg.eval_data, cfg.skip_bad_lines))

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lorakit.training.distributed import is_main
+
 
 class _StopFlag:
     requested = False
@@ -27,7 +29,8 @@ def stop_on_interrupt() -> Iterator[_StopFlag]:
         if flag.requested:
             raise KeyboardInterrupt
         flag.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
+        if is_main():  # under torchrun every rank gets the signal; one says so
+            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

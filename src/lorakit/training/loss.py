@@ -24,6 +24,7 @@ from torch import nn
 from lorakit.kernels.cross_entropy import cross_entropy
 from lorakit.models.packed_attention import attends_by_example, segments_of
 from lorakit.quant.linear import release_kernels
+from lorakit.training.distributed import ALONE, World, my_passes, sum_floats
 
 # Labelled tokens per chunk: each chunk's fp32 logits (and their bf16 copy) are the loss's whole
 # footprint, ~75 MB for a 49k vocabulary, and the head's matmuls run as fast as with 1024.
@@ -169,19 +170,29 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk: int 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], device, dtype, chunk: int) -> float | None:
-    """Mean loss per labelled token over the eval batches."""
+def evaluate(
+    model: nn.Module,
+    batches: list[dict],
+    device,
+    dtype,
+    chunk: int,
+    world: World = ALONE,
+    even: bool = False,
+) -> float | None:
+    """Mean loss per labelled token over the eval batches; under torchrun each rank takes its
+    share (`distributed.my_passes`: `even` for a sharded base) and the sums are combined."""
     if not batches:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     with reused_logits():
-        for batch in batches:
+        for batch, weight in my_passes(batches, world, even):
             with autocast(device, dtype):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss_sum, n = causal_lm_loss(model, batch, chunk)
-            total, count = total + loss_sum.item(), count + n
+            total, count = total + loss_sum.item() * weight, count + n * weight
+    total, count = sum_floats([total, count], world)
     model.train(was_training)
     release_kernels(model)  # their scales would sit idle through the training steps that follow
     return total / max(count, 1)

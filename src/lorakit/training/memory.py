@@ -23,7 +23,7 @@ from lorakit.models.precision import default_dtype
 from lorakit.quant.bnb_format import is_prequantized
 from lorakit.quant.linear import free_memory
 from lorakit.training.config import TrainConfig, parse_size
-from lorakit.training.distributed import ranks
+from lorakit.training.distributed import is_main, ranks
 
 GiB = 2**30
 # Bytes a transformer layer keeps for backward per token and hidden unit in 16 bits, attention
@@ -162,7 +162,7 @@ def check_run(est: MemoryEstimate, cfg: TrainConfig, device: torch.device) -> No
     when it fits only with the 4-bit weights read from disk."""
     budget = run_budget(cfg, device)
     choose(est, budget, cfg.grad_checkpointing, cfg.cache_weights)
-    if note := streaming_note(est, budget):
+    if (note := streaming_note(est, budget)) and is_main():
         print(note)
 
 

@@ -1,13 +1,15 @@
 """The training output directory: checkpoints, metrics, loss curve, model card and the run's
 summary.
 
-Checkpoints are safetensors + JSON (never pickle), every file written atomically, so Ctrl-C or
-a full disk never leaves a half-written checkpoint or adapter.
+Checkpoints are one safetensors file (never pickle) holding the adapter, AdamW's state, the RNG
+and the step, written to a temporary file, synced to disk and renamed: Ctrl-C, kill -9, a
+power cut or a full disk leaves the previous checkpoint or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,18 +48,43 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_
         "metrics_lines": metrics_lines,
     }
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write_text(path / "state.json", json.dumps(meta) + "\n")
+    # One file, one rename: the step and the tensors it belongs to are committed together, so a
+    # kill -9 or a power cut at any moment leaves the previous checkpoint or this one, whole.
+    text, before = {k: str(v) for k, v in meta.items()}, _saved_step(path)
+    try:
+        atomic_write(path / "state.safetensors", lambda tmp: save_file(tensors, tmp, metadata=text))
+    except LorakitError as e:
+        kept = "no earlier checkpoint" if before is None else f"the step-{before} one is intact"
+        raise LorakitError(f"checkpoint of step {step} not saved: {e} ({kept})") from None
+    atomic_write_text(path / "state.json", json.dumps(meta) + "\n")  # a copy to read
+
+
+def _saved_step(path: Path) -> int | None:
+    """The step of the checkpoint in `path`, or None where there is none (or it is unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path / "state.safetensors"), "pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # noqa: BLE001 - any unreadable file: no step to name
+        return None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        meta = json.loads((path / "state.json").read_text())
+        with safe_open(str(path / "state.safetensors"), "pt") as f:
+            meta = f.metadata() or {}
+        if "step" not in meta:  # written before lorakit kept the step in the tensors' file
+            meta = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "state.safetensors"))
-        int(meta["step"]), float(meta["adam_step"]), int(meta["metrics_lines"])
+        meta = {
+            "step": int(meta["step"]),
+            "adam_step": float(meta["adam_step"]),
+            "metrics_lines": int(meta["metrics_lines"]),
+        }
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
         raise LorakitError(
             f"checkpoint {path} is unreadable or corrupt ({e}); start over with --overwrite"
@@ -117,7 +144,7 @@ def check_out_dir(cfg) -> Path:
             "replace it, or --out to choose another directory"
         )
     if cfg.resume:
-        if not (out / "checkpoint" / "state.json").is_file():
+        if not any((out / "checkpoint" / f).is_file() for f in ("state.safetensors", "state.json")):
             raise LorakitError(f"--resume: {out} has no checkpoint to resume from")
         _check_same_adapter(out, cfg)
     check_can_create(out, "--out")
@@ -151,6 +178,9 @@ def prepare_out_dir(cfg) -> Path:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    if cfg.resume:  # what a killed run was writing when it died: never complete, never read
+        for stale in [*out.glob(".*.tmp"), *(out / "checkpoint").glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
     return make_dir(out, "--out")
 
 
@@ -168,6 +198,8 @@ class Metrics:
     def log(self, row: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # a checkpoint counts these lines: they must outlive a power cut
 
     def lines(self) -> int:
         return count_lines(self.path)

@@ -5,10 +5,11 @@ device is split instead: every NF4 layer's codes and scales become frozen parame
 super-blocks (`NF4Linear.as_blocks`), and PyTorch's FSDP2 (`fully_shard`) keeps 1/N of them on
 each rank, gathering one decoder layer's 4-bit weights just before it runs (forward, and again
 in backward) and freeing them after. What travels is the 4-bit state (~4.1 bits a weight), never
-a 16-bit copy. The rest of the transformer (embeddings, final norm) is the outer FSDP unit,
-gathered for the whole step; the training loss calls that transformer (`model.base_model`)
-and then the output head itself, so the head, outside it, stays whole on every rank (tied to
-the embeddings, it is the gathered embedding matrix). The adapter stays outside FSDP
+a 16-bit copy. The rest of the base (embeddings, final norm, output head) stays whole on every
+rank, as in data parallel: the loss uses the head for the whole step, and sharding the
+embeddings would add a gathered copy (and, for a head tied to them, keep the original too).
+The transformer around the layers (`model.base_model`, what the training loss calls) is the
+outer FSDP unit, which owns the forward and backward hooks. The adapter stays outside FSDP
 (`ignored_params`): each rank holds all of it, a few MB, and its gradients are summed as in data
 parallel, so checkpoints, resume and the saved adapter are unchanged.
 
@@ -69,14 +70,19 @@ def shard_base(model: nn.Module, world: World, device_type: str) -> Sharded:
         )
     total = sum(layer.state.nbytes for layer in layers)
     mesh = init_device_mesh(device_type, (world.size,))
-    adapter = {p for p in model.parameters() if p.requires_grad}
+    stack = decoder_layers(body)
+    in_stack = {id(p) for p in stack.parameters()}
+    # Left whole on every rank: the adapter, and what sits outside the decoder layers
+    # (embeddings, final norm): sharded, the embeddings would also be gathered for the whole
+    # step, and an output head tied to them would keep the original besides.
+    whole = {p for p in model.parameters() if p.requires_grad or id(p) not in in_stack}
     # Layer by layer: a decoder layer's whole 4-bit state exists (as_blocks copies it) only until
     # fully_shard has kept this rank's rows, so no rank ever holds the whole base.
-    for unit in [*decoder_layers(body), body]:
+    for unit in [*stack, body]:
         for layer in unit.modules():
             if isinstance(layer, NF4Linear):
                 layer.as_blocks()
-        fully_shard(unit, mesh=mesh, ignored_params=adapter)
+        fully_shard(unit, mesh=mesh, ignored_params=whole)
     held = sum(
         p.to_local().nbytes
         for layer in layers

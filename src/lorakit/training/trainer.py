@@ -32,7 +32,7 @@ from lorakit.lora.peft_format import AdapterConfig, save_adapter
 from lorakit.lora.targets import resolve_targets
 from lorakit.models.chat import pad_id
 from lorakit.models.loading import ModelSource, empty_model, load_model, resolve_model
-from lorakit.models.patches import training_patches
+from lorakit.models.patches import checkpoint_layers, training_patches
 from lorakit.models.precision import autocast, default_dtype, resolve_device
 from lorakit.quant.linear import NF4Linear, dequantized_weights
 from lorakit.training import data as D
@@ -46,6 +46,7 @@ from lorakit.training.distributed import (
     barrier,
     check_enough_work,
     check_same_settings,
+    is_main,
     join,
     my_passes,
     ranks,
@@ -126,10 +127,11 @@ def attach_adapter(
     mark_only_lora_trainable(model)
     if cfg.init == "loftq" and not cfg.resume:
         r = loftq_init(model, source or resolve_model(cfg.model))
-        print(
-            f"LoftQ init: {r.layers} layers in {r.seconds:.1f}s; the 4-bit base's relative "
-            f"error on them {r.error_before:.4f} -> {r.error_after:.4f} with the adapter"
-        )
+        if is_main():
+            print(
+                f"LoftQ init: {r.layers} layers in {r.seconds:.1f}s; the 4-bit base's relative "
+                f"error on them {r.error_before:.4f} -> {r.error_after:.4f} with the adapter"
+            )
     return modules, peft_targets
 
 
@@ -162,16 +164,6 @@ def training_setup(
         if cache:
             stack.enter_context(dequantized_weights(model, dtype))
         yield
-
-
-def checkpoint_layers(model: nn.Module) -> Callable[[], None]:
-    """Turn on transformers' activation checkpointing (non-reentrant); returns what turns it
-    off. (transformers 5 renamed gradient_checkpointing_enable and warns on the old name.)"""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False})
-        return model.activation_checkpointing_disable
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model.gradient_checkpointing_disable
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -236,7 +228,15 @@ class _Run:
 
     def evaluate(self, step: int) -> None:
         if self.evals:
-            loss = evaluate(self.model, self.evals, self.device, self.dtype, self.cfg.loss_chunk)
+            loss = evaluate(
+                self.model,
+                self.evals,
+                self.device,
+                self.dtype,
+                self.cfg.loss_chunk,
+                self.world,
+                self.cfg.shard_base,
+            )
             self.metrics.log({"step": step, "eval_loss": loss})
 
     def batches(self, step: int) -> list[dict]:
