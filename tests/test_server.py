@@ -751,3 +751,53 @@ def test_serve_help_and_one_line_errors(capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_sigterm_finishes_the_streams_in_flight_then_exits_0(tiny_model_dir):
+    """`lorakit serve` stopped by SIGTERM (systemd, docker stop, kubernetes): the stream in
+    flight runs to its end and its final event, new connections are refused, exit status 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "lorakit", "serve", "--model", str(tiny_model_dir)]
+    argv += ["--device", "cpu", "--port", str(port)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": "x", "max_tokens": 200, "stream": True}
+        body["temperature"] = 0
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not lines:  # the first chunk is here, the rest of the answer is not
+                    os.kill(proc.pid, signal.SIGTERM)
+                lines.append(line)
+        events = [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] in ("length", "stop")
+        assert len(events) > 10  # more than what had been sent before the signal
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

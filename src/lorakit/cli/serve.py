@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 from lorakit.cli.common import adapter_spec, add_model_flags, warn
@@ -60,6 +61,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         warn(f"serving on {args.host} without --api-key")
     models = ", ".join([name, *(a for a, _ in adapters)])
     print(f"serving {models} at http://{args.host}:{args.port}/v1", flush=True)
+    # SIGTERM (docker stop, systemd, kubernetes): uvicorn stops taking connections, lets the
+    # requests in flight finish (streams to their final event), then hands the signal back to
+    # the handler that was there before it; this one makes that a clean exit, status 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
