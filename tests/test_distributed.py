@@ -160,6 +160,7 @@ def test_more_ranks_than_a_step_has_sequences_is_refused(tiny_model_dir, tmp_pat
     assert done.returncode != 0
     # one line from each rank (torchrun then reports the failed workers its own way)
     assert (
-        "error: a step has 1 sequence(s) (--batch-size x --grad-accum), fewer than" in done.stderr
+        "error: a step has 1 micro-batch(es) (--batch-size / --micro-batch x --grad-accum)"
+        in done.stderr
     )
     assert not (tmp_path / "run").exists()

@@ -38,6 +38,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        if type(e).__name__ != "SafetensorError":  # safetensors' own wrap of a failed write
+            raise
+        full = "os error 28" in str(e) or "No space left" in str(e)
+        fix = "free some disk space" if full else "choose a writable place"
+        raise LorakitError(f"could not write {path}: {e}; {fix}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

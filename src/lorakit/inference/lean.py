@@ -77,13 +77,13 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
     ):  # one call for several weights: the compiled CPU kernel's; the GPU's go one by one
         return lambda x: [c(x) for c in calls]
     group = KernelGroup([(c.kernel, c.lora) for c in calls])
-    layer, biases = calls[0].layer, [c.bias for c in calls]
+    layer = calls[0].layer
 
     def run(x: Tensor) -> list[Tensor]:
         ys = group(x, layer._compute_dtype(x))
         if ys is None:  # the kernel refused: each projection's call, with its PyTorch fallback
             return [c(x) for c in calls]
-        return [y if b is None else y + b.to(y.dtype) for y, b in zip(ys, biases, strict=True)]
+        return [c.finish(x, y) for c, y in zip(calls, ys, strict=True)]
 
     return run
 

@@ -12,6 +12,7 @@ plain function over weights. A batch may carry a different adapter per row (`row
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora.rows import row_delta
 from lorakit.quant.linear import KERNEL_ROWS, KernelCall, NF4Linear
 
 
@@ -110,6 +112,7 @@ class LoRALinear(nn.Module):
         return self.base_layer
 
     def delete_adapter(self, name: str) -> None:
+        self.__dict__.pop("_side_by_side", None)  # lora.rows' copy of the batch's adapters
         if name in self.merged_adapters:
             self.unmerge(name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
@@ -148,8 +151,16 @@ class LoRALinear(nn.Module):
         """The compiled kernel's call for this layer's decoding steps (NF4Linear.decode_call):
         an NF4 base with at most one unmerged float32 adapter, all rows on it; else None."""
         base = self.base_layer
-        if self.row_adapters is not None or not isinstance(base, NF4Linear):
-            return None  # rows on different adapters, or not a 4-bit base
+        if not isinstance(base, NF4Linear):
+            return None
+        if self.row_adapters is not None:  # rows on different adapters: added after the kernel
+            if (
+                self.merged_adapters
+                or self.num_experts != 1
+                or (call := base.decode_call()) is None
+            ):
+                return None
+            return dataclasses.replace(call, extra=self._row_term)
         unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
         if len(unmerged) > 1:
             return None
@@ -161,7 +172,12 @@ class LoRALinear(nn.Module):
         return base.decode_call((a.contiguous(), b.t().contiguous(), self.scaling[unmerged[0]]))
 
     def _forward_rows(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Each batch row gets its own adapter (or none): group rows by adapter, one matmul each."""
+        """Each batch row gets its own adapter (or none): lora.rows."""
+        if self.merged_adapters:
+            raise LorakitError("unmerge adapters before running a batch with per-row adapters")
+        return out + self._row_term(x).to(out.dtype)
+
+    def _row_term(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.row_adapters
         assert rows is not None
         if x.dim() == 2 and len(rows) < x.shape[0] and x.shape[0] % len(rows) == 0:
@@ -171,13 +187,7 @@ class LoRALinear(nn.Module):
             raise LorakitError(
                 f"row_adapters names {len(rows)} rows but the batch has {x.shape[0]}"
             )
-        if self.merged_adapters:
-            raise LorakitError("unmerge adapters before running a batch with per-row adapters")
-        out = out.clone()
-        for name in dict.fromkeys(r for r in rows if r is not None and r in self.lora_A):
-            idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
-            out[idx] += self._delta(x[idx], name).to(out.dtype)
-        return out
+        return row_delta(self, x, rows)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A in the base's (out, in) orientation, fp32."""

@@ -128,7 +128,9 @@ def checkpoint_layers(model: nn.Module) -> Callable[[], None]:
     """Turn on transformers' activation checkpointing (non-reentrant); returns what turns it
     off. (transformers 5 renamed gradient_checkpointing_enable and warns on the old name.)"""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
         return model.activation_checkpointing_disable
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.gradient_checkpointing_disable

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -188,6 +188,8 @@ class NF4Linear(nn.Module):
         the compiled kernel where it runs (CPU, float32 or bf16: 10x+ faster than PyTorch's
         gathers, the same values) or the fused backend (CUDA), else from dequantize_nf4."""
         dtype = dtype or self.weight_dtype
+        if self.__dict__.get("in_blocks"):  # gathered by FSDP for this pass: the fused backend's
+            return nf4_backend.dequantize(self.state, dtype)
         kernel = self._kernel(self.packed.device)
         if kernel is not None and (weight := kernel.dequantize(dtype)) is not None:
             return weight
@@ -274,12 +276,20 @@ class KernelCall:
     kernel: KernelWeight | FusedWeight
     lora: LoRA | None
     bias: Tensor | None
+    extra: Callable[[Tensor], Tensor] | None = None  # x -> a term added after (lora.layer's
+    # per-row adapters of a batch mixing several)
 
     def __call__(self, x: Tensor) -> Tensor:
         dtype = self.layer._compute_dtype(x)
         y = self.kernel(x, dtype, self.lora)
         if y is None:  # the kernel refused (no memory for its buffers): the same in PyTorch
             y = nf4_matmul_reference(x, self.layer.state, dtype, self.lora)
+        return self.finish(x, y)
+
+    def finish(self, x: Tensor, y: Tensor) -> Tensor:
+        """The kernel's output `y` for input `x`, with the bias and the extra term added."""
+        if self.extra is not None:
+            y = y + self.extra(x).to(y.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 

@@ -88,8 +88,9 @@ def check_same_settings(settings: str, world: World) -> None:
         )
 
 
-def check_enough_work(sequences: int, per_step: int, world: World) -> None:
-    """Refuse more ranks than there are sequences to share out (in the data, or in a step)."""
+def check_enough_work(sequences: int, passes: int, world: World) -> None:
+    """Refuse more ranks than there is work to share out: the data's sequences, a step's
+    passes (micro-batches)."""
     if world.size == 1:
         return
     if sequences < world.size:
@@ -97,10 +98,10 @@ def check_enough_work(sequences: int, per_step: int, world: World) -> None:
             f"the data packs into {sequences} sequence(s), fewer than the {world.size} ranks; "
             "start fewer processes (--nproc-per-node) or give more data"
         )
-    if per_step < world.size:
+    if passes < world.size:
         raise LorakitError(
-            f"a step has {per_step} sequence(s) (--batch-size x --grad-accum), fewer than the "
-            f"{world.size} ranks, so some would idle; raise --batch-size to {world.size} or more"
+            f"a step has {passes} micro-batch(es) (--batch-size / --micro-batch x --grad-accum) "
+            f"for {world.size} ranks, so some would idle; raise --batch-size or lower --micro-batch"
         )
 
 

@@ -94,7 +94,7 @@ def sharded(est: MemoryEstimate, shards: int, layers: int) -> MemoryEstimate:
     """`est` with the 4-bit layers split over `shards` ranks (--shard-base, training.sharding):
     each rank keeps its share of them plus two decoder layers' gathered whole (the one running
     and the next, prefetched); the rest of the base stays whole, and nothing is memory-mapped."""
-    four_bit = est.codes * NF4_BITS // 4
+    four_bit = int(est.codes * NF4_BITS / 4)
     kept = four_bit // shards + 2 * four_bit // max(layers, 1)
     return replace(est, base=est.base - four_bit + kept, mapped=False)
 

@@ -8,6 +8,7 @@ power cut or a full disk leaves the previous checkpoint or the new one, never ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.atomic import atomic_write, atomic_write_text, check_can_create, make_dir
+from lorakit.atomic import (
+    atomic_write,
+    atomic_write_text,
+    check_can_create,
+    fix_for,
+    make_dir,
+)
 from lorakit.errors import LorakitError
 
 RUN_FILES = (
@@ -56,7 +63,8 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, step: int, metrics_
     except LorakitError as e:
         kept = "no earlier checkpoint" if before is None else f"the step-{before} one is intact"
         raise LorakitError(f"checkpoint of step {step} not saved: {e} ({kept})") from None
-    atomic_write_text(path / "state.json", json.dumps(meta) + "\n")  # a copy to read
+    with contextlib.suppress(LorakitError):  # a copy to read; the checkpoint is complete without
+        atomic_write_text(path / "state.json", json.dumps(meta) + "\n")
 
 
 def _saved_step(path: Path) -> int | None:
@@ -65,7 +73,10 @@ def _saved_step(path: Path) -> int | None:
 
     try:
         with safe_open(str(path / "state.safetensors"), "pt") as f:
-            return int((f.metadata() or {})["step"])
+            meta = f.metadata() or {}
+        if "step" not in meta:  # an earlier lorakit's checkpoint
+            meta = json.loads((path / "state.json").read_text())
+        return int(meta["step"])
     except Exception:  # noqa: BLE001 - any unreadable file: no step to name
         return None
 
@@ -180,7 +191,10 @@ def prepare_out_dir(cfg) -> Path:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
     if cfg.resume:  # what a killed run was writing when it died: never complete, never read
         for stale in [*out.glob(".*.tmp"), *(out / "checkpoint").glob(".*.tmp")]:
-            stale.unlink(missing_ok=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     return make_dir(out, "--out")
 
 
@@ -196,10 +210,16 @@ class Metrics:
             atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # a checkpoint counts these lines: they must outlive a power cut
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())  # a checkpoint counts these lines: they must outlive a crash
+        except OSError as e:
+            raise LorakitError(
+                f"could not write {self.path}: {e.strerror or e}; {fix_for(e)} (the last "
+                "checkpoint is intact: --resume continues from it)"
+            ) from None
 
     def lines(self) -> int:
         return count_lines(self.path)

@@ -20,11 +20,14 @@ runs on every rank.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.quant.experts import NF4Experts
 from lorakit.quant.linear import NF4Linear
 from lorakit.training.distributed import World
 
@@ -45,11 +48,18 @@ class Sharded:
     layers: int  # NF4 layers split
     held: int  # bytes of their 4-bit state this rank holds
     total: int  # bytes of it over all ranks (without the padding of the last super-block)
+    whole: int = 0  # bytes of 4-bit experts (a mixture of experts' layers), not split
 
     def note(self, world: World) -> str:
+        experts = (
+            f"; the experts' 4-bit weights ({self.whole / 2**20:.1f} MB) stay whole on every rank"
+            if self.whole
+            else ""
+        )
         return (
             f"base sharded: {self.layers} 4-bit layers split over {world.size} ranks; rank "
             f"{world.rank} holds {self.held / 2**20:.1f} of their {self.total / 2**20:.1f} MB"
+            + experts
         )
 
 
@@ -58,8 +68,16 @@ def shard_base(model: nn.Module, world: World, device_type: str) -> Sharded:
     transformer around them), the adapter left whole on every rank; returns what was split and
     what this rank holds of it. Moves what FSDP holds to the ranks' device (a CUDA rank's own
     GPU)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        fully_shard = None
+    if fully_shard is None or "ignored_params" not in inspect.signature(fully_shard).parameters:
+        raise LorakitError(
+            f"--shard-base needs PyTorch 2.7 or later (FSDP2 with ignored_params); this is "
+            f"{torch.__version__}: upgrade torch, or drop --shard-base"
+        )
 
     body = model.base_model  # what training.loss calls: the units' hooks must run in it
     layers = [m for m in body.modules() if isinstance(m, NF4Linear)]
@@ -78,15 +96,24 @@ def shard_base(model: nn.Module, world: World, device_type: str) -> Sharded:
     whole = {p for p in model.parameters() if p.requires_grad or id(p) not in in_stack}
     # Layer by layer: a decoder layer's whole 4-bit state exists (as_blocks copies it) only until
     # fully_shard has kept this rank's rows, so no rank ever holds the whole base.
-    for unit in [*stack, body]:
-        for layer in unit.modules():
-            if isinstance(layer, NF4Linear):
-                layer.as_blocks()
-        fully_shard(unit, mesh=mesh, ignored_params=whole)
+    try:
+        for unit in [*stack, body]:
+            for layer in unit.modules():
+                if isinstance(layer, NF4Linear):
+                    layer.as_blocks()
+            fully_shard(unit, mesh=mesh, ignored_params=whole)
+    except (AssertionError, ValueError, RuntimeError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LorakitError(
+            f"--shard-base could not shard {type(model).__name__} ({first}); train without it"
+        ) from None
     held = sum(
         p.to_local().nbytes
         for layer in layers
         for p in (layer.packed, layer.absmax, layer.absmax_scale)
         if p is not None
     )
-    return Sharded(len(layers), held, total)
+    experts = sum(
+        sum(b.nbytes for b in m.buffers()) for m in body.modules() if isinstance(m, NF4Experts)
+    )
+    return Sharded(len(layers), held, total, experts)

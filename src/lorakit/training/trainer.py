@@ -94,7 +94,7 @@ def load_for_training(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module
         elif ranks() > 1 and not memory.fits(est, cfg, device) and memory.fits(split, cfg, device):
             raise LorakitError(
                 f"this run does not fit one device; add --shard-base to split the 4-bit base "
-                f"over the {ranks()} ranks (`lorakit plan` shows the numbers)"
+                f"over the {ranks()} ranks"
             )
         memory.check_run(est, cfg, device)
 
@@ -317,7 +317,8 @@ def train(
 ) -> TrainResult:
     """Run one training job and save the adapter (PEFT's format) in cfg.out. `model` and
     `tokenizer` may be passed in (a model from `load_model`); else cfg.model is loaded. The
-    model keeps the trained adapter as "default", active, in eval mode."""
+    model keeps the trained adapter as "default", active, in eval mode (with `shard_base`, its
+    base stays split over the ranks: every rank must run what it is used for)."""
     validate(cfg)
     check_out_dir(cfg)  # the directory is changed only once every other check has passed
     device = resolve_device(cfg.device)
@@ -332,7 +333,8 @@ def train(
     base_name = base_name or cfg.model
     dtype = default_dtype(device)
     train_set, eval_set, _ = D.build_datasets(cfg, tokenizer)
-    check_enough_work(len(train_set), cfg.batch_size * cfg.grad_accum, world)
+    micro = micro_batch_size(cfg, device, model)
+    check_enough_work(len(train_set), cfg.grad_accum * math.ceil(cfg.batch_size / micro), world)
     _, peft_targets = attach_adapter(model, cfg, source)
     if cfg.shard_base:
         split = shard_base(model, world, device.type)
@@ -360,7 +362,6 @@ def train(
     elif world.main:
         atomic_write_text(out / "train_config.json", to_json(cfg))
     metrics = Metrics(out / "metrics.jsonl", resume_lines) if world.main else SilentMetrics()
-    micro = micro_batch_size(cfg, device, model)
     with training_setup(model, cfg, device, dtype, micro):
         packed = keeps_examples_apart(model, device, dtype)
         if not packed and world.main:
@@ -382,7 +383,7 @@ def train(
         done, tokens_seen = run.loop(start, progress)
         wall = time.perf_counter() - t0
         interrupted = done < run.total_steps
-        if not interrupted:
+        if not interrupted and done > start:  # (a checkpoint at the last step has it already)
             run.evaluate(done)
     model.eval()
     run.checkpoint(done)

@@ -1,0 +1,95 @@
+"""A batch mixing adapters (lora.rows): every row gets its own adapter's term, whether the
+batch's adapters run side by side (two matmuls) or grouped by adapter, and on a 4-bit base the
+decoding steps keep the compiled kernel's grouped calls, the rows' terms added after."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lorakit import kernels
+from lorakit.inference.generate import generate_ids
+from lorakit.inference.sampling import Sampling
+from lorakit.lora.layer import (
+    LoRALinear,
+    attach_lora,
+    lora_layers,
+    row_adapters,
+    set_active_adapters,
+)
+from lorakit.lora.rows import row_delta
+
+
+def _layer(ranks: dict[str, int], features=(48, 40)) -> LoRALinear:
+    layer = LoRALinear(torch.nn.Linear(*features))
+    gen = torch.Generator().manual_seed(0)
+    for name, rank in ranks.items():
+        layer.add_adapter(name, rank, alpha=2 * rank + 1)
+        layer.lora_B[name].weight.data = torch.randn(features[1], rank, generator=gen)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("shape", [(5, 48), (5, 3, 48)])  # decoding rows; prompts of 3 tokens
+def test_each_row_gets_its_own_adapter_side_by_side_or_grouped(shape):
+    layer = _layer({"a": 2, "b": 4, "c": 3})
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    rows = ["a", None, "b", "a", "nope"]  # none, and a name this layer lacks: no term
+    want = torch.zeros(*shape[:-1], 40)
+    for i, r in enumerate(rows):
+        if r in layer.lora_A:
+            want[i] = layer._delta(x[i : i + 1], r)[0]
+    side_by_side = row_delta(layer, x, rows)
+    assert "_side_by_side" in layer.__dict__  # a, b: 6 ranks, less work than the layer's
+    torch.testing.assert_close(side_by_side, want, rtol=1e-6, atol=1e-6)
+    layer.train()  # training (each adapter's dropout) groups the rows instead
+    torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-6, atol=1e-6)
+    layer.eval()
+    # the same rows later reuse the laid-out adapters; changed weights are seen
+    assert row_delta(layer, x, rows) is not None
+    with torch.no_grad():
+        layer.lora_B["b"].weight.mul_(2)
+    want[2] *= 2
+    torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-6, atol=1e-6)
+
+
+def test_many_adapters_in_one_batch_are_grouped_with_the_same_terms():
+    ranks = {f"r{i}": 8 for i in range(6)}  # 48 ranks x (48 + 40) > 48 x 40: grouped
+    layer = _layer(ranks)
+    x = torch.randn(6, 48, generator=torch.Generator().manual_seed(2))
+    rows = list(ranks)
+    got = row_delta(layer, x, rows)
+    assert "_side_by_side" not in layer.__dict__
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(got[i], layer._delta(x[i : i + 1], r)[0])
+
+
+@pytest.mark.skipif(
+    kernels._build.library() is None,
+    reason="no C compiler or no AVX2 on this machine",
+)
+def test_a_mixed_batch_on_a_4bit_base_decodes_through_the_kernel_like_rows_alone(tmp_path):
+    from lorakit.models.loading import load_model
+
+    tiny_model("llama", hidden_size=64, intermediate_size=128).save_pretrained(tmp_path)
+    model, _, _ = load_model(tmp_path, quant="nf4", dtype=torch.float32, with_tokenizer=False)
+    names = [n for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
+    for i, adapter in enumerate(("a", "b")):
+        attach_lora(model, names, adapter, rank=2 + 2 * i, alpha=8)
+        for _, layer in lora_layers(model):
+            g = torch.Generator().manual_seed(i)
+            torch.nn.init.normal_(layer.lora_B[adapter].weight, std=0.5, generator=g)
+    model.eval()
+    rows = ["a", None, "b", "b"]
+    prompts = [[1, 5, 9], [7, 7], [3, 4, 5, 6], [2]]
+    with row_adapters(model, rows):
+        layer = model.get_submodule(names[0])
+        call = layer.decode_call()
+        assert call is not None and call.extra is not None  # the kernel, the rows' terms after
+    with torch.no_grad():
+        mixed = generate_ids(model, prompts, Sampling(max_new_tokens=8), adapters=rows)
+    for prompt, adapter, got in zip(prompts, rows, mixed, strict=True):
+        set_active_adapters(model, [adapter] if adapter else [])
+        with torch.no_grad():
+            assert got == generate_ids(model, [prompt], Sampling(max_new_tokens=8))[0]
+    assert len({tuple(m) for m in mixed[:3]}) == 3  # the adapters change the answers
