@@ -28,6 +28,10 @@ PROMPTS = [
 ]
 
 
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
 def main() -> None:
     from lorakit.inference.generate import Sampling, generate_ids
     from lorakit.lora.layer import attach_lora, lora_layers, set_active_adapters
@@ -66,25 +70,29 @@ def main() -> None:
 
     print(f"{torch.get_num_threads()} threads, {dtype}, {args.new_tokens} new tokens\n")
     print(
-        "| batch | one adapter (tok/s) | rows over %d adapters (tok/s) | mixed / one |" % len(names)
+        f"| batch | one adapter (tok/s) | rows over {len(names)} adapters (tok/s) | mixed / one |"
     )
     print("|---|---|---|---|")
+    notes = []
     for batch in (int(b) for b in args.batches.split(",")):
         rows = [prompts[i % len(prompts)] for i in range(batch)]
         mixed_names = [names[i % len(names)] for i in range(batch)]
         single = mixed = 0.0
         for _ in range(args.repeats):
-            single = max(single, run(rows, [names[0]] * batch)[0])
+            speed, out_one = run(rows, [names[0]] * batch)
+            single = max(single, speed)
             speed, out = run(rows, mixed_names)
             mixed = max(mixed, speed)
-        alone = [run([rows[i]], [mixed_names[i]])[1][0] for i in range(min(batch, len(names)))]
-        agree = [
-            next((j for j, (x, y) in enumerate(zip(out[i], alone[i])) if x != y), None)
-            for i in range(len(alone))
-        ]
         print(f"| {batch} | {single:.1f} | {mixed:.1f} | {mixed / single:.2f} |", flush=True)
-        if any(a is not None for a in agree):
-            print(f"  (first token where each row differs from its run alone: {agree})")
+        n = min(batch, len(names))
+        for label, got, adapters in (("one", out_one, [names[0]] * n), ("mixed", out, mixed_names)):
+            alone = [run([rows[i]], [adapters[i]])[1][0] for i in range(n)]
+            first = [_first_difference(got[i], alone[i]) for i in range(n)]
+            notes.append(
+                f"batch {batch}, {label}: first token where rows 0-{n - 1} differ from "
+                f"their runs alone (None: never): {first}"
+            )
+    print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

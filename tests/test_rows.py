@@ -40,7 +40,7 @@ def test_each_row_gets_its_own_adapter_side_by_side_or_grouped(shape):
         if r in layer.lora_A:
             want[i] = layer._delta(x[i : i + 1], r)[0]
     side_by_side = row_delta(layer, x, rows)
-    assert "_side_by_side" in layer.__dict__  # a, b: 6 ranks, less work than the layer's
+    assert layer.__dict__["_side_by_side"].side_by_side  # a, b: 6 ranks, less than the layer's
     torch.testing.assert_close(side_by_side, want, rtol=1e-6, atol=1e-6)
     layer.train()  # training (each adapter's dropout) groups the rows instead
     torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-6, atol=1e-6)
@@ -59,15 +59,44 @@ def test_many_adapters_in_one_batch_are_grouped_with_the_same_terms():
     x = torch.randn(6, 48, generator=torch.Generator().manual_seed(2))
     rows = list(ranks)
     got = row_delta(layer, x, rows)
-    assert "_side_by_side" not in layer.__dict__
+    assert not layer.__dict__["_side_by_side"].side_by_side
     for i, r in enumerate(rows):
         torch.testing.assert_close(got[i], layer._delta(x[i : i + 1], r)[0])
 
 
-@pytest.mark.skipif(
-    kernels._build.library() is None,
-    reason="no C compiler or no AVX2 on this machine",
+NO_KERNEL = pytest.mark.skipif(
+    kernels._build.library() is None, reason="no C compiler or no AVX2 on this machine"
 )
+
+
+@NO_KERNEL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_takes_each_rows_adapter_columns_like_one_adapter_calls(dtype):
+    """SGMV in the compiled kernel: A and B of the batch's adapters side by side, row i on its
+    span of them at its scale, equals each row's call with its adapter alone."""
+    from lorakit.kernels.nf4_matmul import KernelWeight, nf4_matmul_reference
+    from lorakit.quant.nf4 import quantize_nf4
+
+    gen = torch.Generator().manual_seed(0)
+    state = quantize_nf4(torch.randn(96, 128, generator=gen))
+    kernel = KernelWeight(state)
+    ranks, scales = (4, 8), (2.0, 0.5)
+    a = [torch.randn(r, 128, generator=gen) for r in ranks]
+    bt = [torch.randn(r, 96, generator=gen) for r in ranks]
+    x = torch.randn(5, 128, generator=gen).to(dtype)
+    row_of = [0, None, 1, 1, 0]  # which adapter each row takes (None: no adapter)
+    spans = torch.tensor([[0, 4] if r == 0 else [4, 12] if r == 1 else [0, 0] for r in row_of])
+    row_scales = torch.tensor([scales[r] if r is not None else 0.0 for r in row_of])
+    lora = (torch.cat(a), torch.cat(bt), 1.0, spans, row_scales)
+    got = kernel(x, torch.float32, lora)
+    for i, r in enumerate(row_of):
+        one = None if r is None else (a[r], bt[r], scales[r])
+        torch.testing.assert_close(got[i : i + 1], kernel(x[i : i + 1], torch.float32, one))
+    torch.testing.assert_close(got, nf4_matmul_reference(x, state, torch.float32, lora))
+    assert kernel(x[:3], torch.float32, lora) is None  # spans for 5 rows, not 3: refused
+
+
+@NO_KERNEL
 def test_a_mixed_batch_on_a_4bit_base_decodes_through_the_kernel_like_rows_alone(tmp_path):
     from lorakit.models.loading import load_model
 
@@ -85,7 +114,7 @@ def test_a_mixed_batch_on_a_4bit_base_decodes_through_the_kernel_like_rows_alone
     with row_adapters(model, rows):
         layer = model.get_submodule(names[0])
         call = layer.decode_call()
-        assert call is not None and call.extra is not None  # the kernel, the rows' terms after
+        assert call is not None and len(call.lora) == 5  # each row's adapter in the kernel's call
     with torch.no_grad():
         mixed = generate_ids(model, prompts, Sampling(max_new_tokens=8), adapters=rows)
     for prompt, adapter, got in zip(prompts, rows, mixed, strict=True):

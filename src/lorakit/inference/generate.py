@@ -21,7 +21,7 @@ from lorakit.errors import LorakitError
 from lorakit.inference.decoder import left_padded, new_decoder, output_head_kernel, positions
 from lorakit.inference.sampling import Sampling, next_tokens
 from lorakit.inference.stream import TextStream
-from lorakit.lora.layer import active_adapters, folded_adapters, row_adapters
+from lorakit.lora.layer import active_adapters, adapter_names, folded_adapters, row_adapters
 from lorakit.models.chat import encode_prompt, pad_id
 from lorakit.models.loading import context_length
 from lorakit.models.precision import autocast
@@ -119,6 +119,14 @@ def _set_up(
 ) -> None:
     """Enter what a generation runs under: per-row adapters, the weight cache (with the active
     adapters added into it once, when every row runs them), the output head's kernel."""
+    if (
+        adapters is not None
+        and len(set(adapters)) == 1
+        and adapters[0] in {None, *adapter_names(model)}
+    ):
+        # every row on one adapter: run it as the active one (the kernel adds it in its call)
+        stack.enter_context(active_adapters(model, [adapters[0]] if adapters[0] else []))
+        adapters = None
     if adapters is not None:
         stack.enter_context(row_adapters(model, adapters))
     autocast_on = torch.is_autocast_enabled(device.type)

@@ -80,10 +80,12 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
     layer = calls[0].layer
 
     def run(x: Tensor) -> list[Tensor]:
-        ys = group(x, layer._compute_dtype(x))
+        dtype = layer._compute_dtype(x)
+        wide = torch.float32 if any(c.extra is not None for c in calls) else dtype
+        ys = group(x, wide)
         if ys is None:  # the kernel refused: each projection's call, with its PyTorch fallback
             return [c(x) for c in calls]
-        return [c.finish(x, y) for c, y in zip(calls, ys, strict=True)]
+        return [c.finish(x, y, dtype) for c, y in zip(calls, ys, strict=True)]
 
     return run
 

@@ -129,36 +129,43 @@ static inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 /* y += s * (x @ A.T) @ B.T: a rank-r adapter, A (rank, n_in), B given transposed (rank, n_out)
- * so that its products run along the outputs. Small next to the layer: one thread. */
-static int add_lora(const float* a, const float* bt, int64_t rank, float s, const float* x,
-                    int64_t batch, int64_t n_in, float* y, int64_t n_out) {
+ * so that its products run along the outputs. Small next to the layer: one thread.
+ * With `spans` (two per row), a batch mixing adapters (SGMV): A and B hold the batch's adapters
+ * side by side, row r takes only their rows spans[2r] .. spans[2r+1] (its adapter; none when
+ * equal) at its own scale row_scales[r]. */
+static int add_lora(const float* a, const float* bt, int64_t rank, float s, const int64_t* spans,
+                    const float* row_scales, const float* x, int64_t batch, int64_t n_in,
+                    float* y, int64_t n_out) {
     float* t = malloc(sizeof(float) * batch * rank);
     if (!t) return -1;
     for (int64_t r = 0; r < batch; r++) { /* n_in % LANES == 0 (whole NF4 blocks) */
         const float* xr = x + r * n_in;
-        int64_t k = 0;
-        for (; k + 8 <= rank; k += 8) { /* eight sums side by side: one alone waits on its fmas */
+        const int64_t end = spans ? spans[2 * r + 1] : rank;
+        const float sr = spans ? row_scales[r] : s;
+        int64_t k = spans ? spans[2 * r] : 0;
+        for (; k + 8 <= end; k += 8) { /* eight sums side by side: one alone waits on its fmas */
             vec acc[8];
             for (int j = 0; j < 8; j++) acc[j] = vzero();
             for (int64_t i = 0; i < n_in; i += LANES) {
                 const vec xv = vload(xr + i);
                 for (int j = 0; j < 8; j++) acc[j] = vfma(vload(a + (k + j) * n_in + i), xv, acc[j]);
             }
-            for (int j = 0; j < 8; j++) t[r * rank + k + j] = s * vsum(acc[j]);
+            for (int j = 0; j < 8; j++) t[r * rank + k + j] = sr * vsum(acc[j]);
         }
-        for (; k < rank; k++) t[r * rank + k] = s * dot(a + k * n_in, xr, n_in);
+        for (; k < end; k++) t[r * rank + k] = sr * dot(a + k * n_in, xr, n_in);
     }
     for (int64_t r = 0; r < batch; r++) {
+        const int64_t k0 = spans ? spans[2 * r] : 0, k1 = spans ? spans[2 * r + 1] : rank;
         const float* tr = t + r * rank;
         float* yr = y + r * n_out;
         int64_t o = 0;
         for (; o + LANES <= n_out; o += LANES) {
             vec acc = vload(yr + o);
-            for (int64_t k = 0; k < rank; k++) acc = vfma(vset1(tr[k]), vload(bt + k * n_out + o), acc);
+            for (int64_t k = k0; k < k1; k++) acc = vfma(vset1(tr[k]), vload(bt + k * n_out + o), acc);
             vstore(yr + o, acc);
         }
         for (; o < n_out; o++)
-            for (int64_t k = 0; k < rank; k++) yr[o] += tr[k] * bt[k * n_out + o];
+            for (int64_t k = k0; k < k1; k++) yr[o] += tr[k] * bt[k * n_out + o];
     }
     free(t);
     return 0;
@@ -168,7 +175,8 @@ static int add_lora(const float* a, const float* bt, int64_t rank, float s, cons
 /* Returns 0 on success, -1 if this build cannot run it (no SIMD, bad shape, no memory). */
 int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch, void* out,
                   int y_bf16, int threads, const float* lora_a, const float* lora_bt,
-                  int64_t rank, float lora_scale, int bf16_products) {
+                  int64_t rank, float lora_scale, const int64_t* lora_spans,
+                  const float* lora_row_scales, int bf16_products) {
 #if LANES
     const int64_t n_out = w->n_out, n_in = w->n_in, bs = w->bs;
     if (bs % CHUNK || n_in % bs || batch < 1) return -1;
@@ -261,7 +269,8 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
     }
     int status = 0;
     if (lora_a)
-        status = add_lora(lora_a, lora_bt, rank, lora_scale, xf, batch, n_in, y, n_out);
+        status = add_lora(lora_a, lora_bt, rank, lora_scale, lora_spans, lora_row_scales, xf,
+                          batch, n_in, y, n_out);
     store(y, out, y_bf16, batch * n_out);
     free(xf);
     free(xp);
@@ -278,11 +287,12 @@ int lk_nf4_matmul(const nf4_weight* w, const void* x, int x_bf16, int64_t batch,
 int lk_nf4_matmul_n(int64_t n, const nf4_weight* const* ws, const void* x, int x_bf16,
                     int64_t batch, void* const* outs, int y_bf16, int threads,
                     const float* const* lora_a, const float* const* lora_bt, const int64_t* ranks,
-                    const float* lora_scales, int bf16_products) {
+                    const float* lora_scales, const int64_t* const* lora_spans,
+                    const float* const* lora_row_scales, int bf16_products) {
     for (int64_t i = 0; i < n; i++) {
         const int status = lk_nf4_matmul(ws[i], x, x_bf16, batch, outs[i], y_bf16, threads,
                                          lora_a[i], lora_bt[i], ranks[i], lora_scales[i],
-                                         bf16_products);
+                                         lora_spans[i], lora_row_scales[i], bf16_products);
         if (status) return status;
     }
     return 0;

@@ -19,7 +19,10 @@ from lorakit.kernels._build import f32, function, i32, i64, library, ptr, thread
 from lorakit.quant.nf4 import NF4_CODE, NF4State, block_absmax, dequantize_nf4
 
 _CODE = torch.tensor(NF4_CODE, dtype=torch.float32)
-LoRA = tuple[Tensor, Tensor, float]  # A (rank, in), B transposed (rank, out), scale
+# A (rank, in), B transposed (rank, out), scale; for a batch mixing adapters (lora.rows), also
+# spans (rows, 2) int64 and row scales (rows,) float32: A and B hold the batch's adapters side by
+# side, row i takes only their rows spans[i, 0] .. spans[i, 1] at scale row_scales[i]
+LoRA = tuple[Tensor, Tensor, float] | tuple[Tensor, Tensor, float, Tensor, Tensor]
 
 
 class _Weight(ctypes.Structure):
@@ -39,16 +42,18 @@ _WEIGHT = ctypes.POINTER(_Weight)
 
 
 def _matmul():  # noqa: ANN202
-    # weight, x, x is bf16, rows, y, y is bf16, threads, adapter A, B.T, rank, scale, and
-    # whether the products may run in bf16
-    return function("lk_nf4_matmul", _WEIGHT, ptr, i32, i64, ptr, i32, i32, ptr, ptr, i64, f32, i32)
+    # weight, x, x is bf16, rows, y, y is bf16, threads, adapter A, B.T, rank, scale, spans,
+    # row scales, and whether the products may run in bf16
+    return function(
+        "lk_nf4_matmul", _WEIGHT, ptr, i32, i64, ptr, i32, i32, ptr, ptr, i64, f32, ptr, ptr, i32
+    )
 
 
 def _matmul_n():  # noqa: ANN202
     # n, weights, x, x is bf16, rows, outputs, y is bf16, threads, adapters' A, B.T, ranks,
-    # scales, whether the products may run in bf16
+    # scales, spans, row scales, whether the products may run in bf16
     return function(
-        "lk_nf4_matmul_n", i64, ptr, ptr, i32, i64, ptr, i32, i32, ptr, ptr, ptr, ptr, i32
+        "lk_nf4_matmul_n", i64, ptr, ptr, i32, i64, ptr, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, i32
     )
 
 
@@ -97,13 +102,17 @@ class KernelWeight:
         n_out, n_in = self.shape
         rows = _activations(x, n_in)
         y = torch.empty(*x.shape[:-1], n_out, dtype=_out_dtype(dtype))
-        a = b = None
+        a = b = spans = row_scales = None
         rank, scale = 0, 0.0
         if lora is not None:
-            a, b, scale = lora
+            a, b, scale = lora[:3]
             assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
             assert a.shape[1] == n_in and b.shape == (a.shape[0], n_out)
             a, b, rank = a.data_ptr(), b.data_ptr(), a.shape[0]
+            if len(lora) == 5:
+                if (lora := _per_row(lora, rows.shape[0])) is None:
+                    return None
+                spans, row_scales = lora[3].data_ptr(), lora[4].data_ptr()
         status = self.call(
             self.ref,
             rows.data_ptr(),
@@ -116,6 +125,8 @@ class KernelWeight:
             b,
             rank,
             scale,
+            spans,
+            row_scales,
             x.dtype == dtype == torch.bfloat16,  # nothing of x lost in bf16 products
         )
         if status != 0:
@@ -151,12 +162,21 @@ class KernelGroup:
         self.b = (ctypes.c_void_p * n)(*[lo[1].data_ptr() if lo else None for _, lo in parts])
         self.ranks = (ctypes.c_int64 * n)(*[lo[0].shape[0] if lo else 0 for _, lo in parts])
         self.scales = (ctypes.c_float * n)(*[lo[2] if lo else 0.0 for _, lo in parts])
+        self.spans = (ctypes.c_void_p * n)()
+        self.row_scales = (ctypes.c_void_p * n)()
         self.outs = (ctypes.c_void_p * n)()
 
     def __call__(self, x: Tensor, dtype: torch.dtype) -> list[Tensor] | None:
         """x (..., in) -> each weight's (..., out) in `dtype`, as KernelWeight(x, dtype, lora);
         None where the kernel refuses."""
         rows = _activations(x, self.n_in)
+        keep = []  # a mixed batch's spans and scales for these rows, alive through the call
+        for i, (_, lo) in enumerate(self.parts):
+            if lo is not None and len(lo) == 5:
+                if (lo := _per_row(lo, rows.shape[0])) is None:
+                    return None
+                keep.append(lo)
+                self.spans[i], self.row_scales[i] = lo[3].data_ptr(), lo[4].data_ptr()
         out_dtype = _out_dtype(dtype)
         ys = [torch.empty(*x.shape[:-1], k.shape[0], dtype=out_dtype) for k, _ in self.parts]
         for i, y in enumerate(ys):
@@ -174,11 +194,27 @@ class KernelGroup:
             self.b,
             self.ranks,
             self.scales,
+            self.spans,
+            self.row_scales,
             x.dtype == dtype == torch.bfloat16,
         )
         if status != 0:
             return None
         return ys if out_dtype == dtype else [y.to(dtype) for y in ys]
+
+
+def _per_row(lora: LoRA, rows: int) -> LoRA | None:
+    """A mixed batch's adapters with a span and scale for each of `rows` kernel rows: as they
+    are, or repeated for each token of a batch row (a short prompt: (batch, tokens) rows, row
+    after row); None where the rows are neither."""
+    a, bt, scale, spans, row_scales = lora
+    if rows != spans.shape[0]:
+        if rows % spans.shape[0]:
+            return None
+        tokens = rows // spans.shape[0]
+        spans, row_scales = (t.repeat_interleave(tokens, dim=0) for t in (spans, row_scales))
+    ok = spans.dtype == torch.int64 and row_scales.dtype == torch.float32
+    return (a, bt, scale, spans.contiguous(), row_scales.contiguous()) if ok else None
 
 
 def _activations(x: Tensor, n_in: int) -> Tensor:
@@ -206,7 +242,16 @@ def nf4_matmul_reference(
 ) -> Tensor:
     """What `nf4_matmul` computes, in PyTorch: dequantize, then multiply (float32 sums)."""
     y = F.linear(x.float(), dequantize_nf4(state, torch.float32))
-    if lora is not None:
+    rows = x.reshape(-1, x.shape[-1]).shape[0]
+    if lora is not None and len(lora) == 5:  # each row its own adapter's columns and scale
+        if (fitted := _per_row(lora, rows)) is None:
+            raise ValueError(f"a mixed batch's adapters cover {len(lora[3])} rows, not {rows}")
+        a, bt, _, spans, row_scales = fitted
+        cols = torch.arange(a.shape[0])
+        mask = (cols >= spans[:, :1]) & (cols < spans[:, 1:])  # (rows, sum of ranks)
+        t = (x.reshape(-1, x.shape[-1]).float() @ a.T) * (mask * row_scales[:, None])
+        y = y + (t @ bt).view(y.shape)
+    elif lora is not None:
         a, bt, scale = lora
         y = y + scale * (x.float() @ a.T) @ bt
     return y.to(dtype)

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.lora.rows import row_delta
+from lorakit.kernels.nf4_matmul import KernelWeight
+from lorakit.lora.rows import kernel_lora, row_delta
 from lorakit.quant.linear import KERNEL_ROWS, KernelCall, NF4Linear
 
 
@@ -85,6 +86,7 @@ class LoRALinear(nn.Module):
         if rank <= 0:
             raise LorakitError(f"LoRA rank must be a positive integer, got {rank}; try --rank 16")
         check_adapter_name(name)
+        self.__dict__.pop("_side_by_side", None)  # lora.rows' plan of the batch's adapters
         if name in self.lora_A:
             raise LorakitError(
                 f"adapter {name!r} already exists on this layer; choose another name"
@@ -112,7 +114,7 @@ class LoRALinear(nn.Module):
         return self.base_layer
 
     def delete_adapter(self, name: str) -> None:
-        self.__dict__.pop("_side_by_side", None)  # lora.rows' copy of the batch's adapters
+        self.__dict__.pop("_side_by_side", None)  # lora.rows' plan of the batch's adapters
         if name in self.merged_adapters:
             self.unmerge(name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
@@ -153,14 +155,16 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         if not isinstance(base, NF4Linear):
             return None
-        if self.row_adapters is not None:  # rows on different adapters: added after the kernel
-            if (
-                self.merged_adapters
-                or self.num_experts != 1
-                or (call := base.decode_call()) is None
-            ):
+        if self.row_adapters is not None:  # rows on different adapters (lora.rows)
+            if self.merged_adapters or self.num_experts != 1:
                 return None
-            return dataclasses.replace(call, extra=self._row_term)
+            lora = kernel_lora(self, self.row_adapters)
+            if lora is None:  # no row has an adapter here
+                return base.decode_call()
+            call = base.decode_call(lora)  # the CPU kernel: each row's adapter in its call
+            if call is None or isinstance(call.kernel, KernelWeight):
+                return call
+            return dataclasses.replace(base.decode_call(), extra=self._wide_row_term)
         unmerged = [n for n in self.active_adapters if n not in self.merged_adapters]
         if len(unmerged) > 1:
             return None
@@ -176,6 +180,11 @@ class LoRALinear(nn.Module):
         if self.merged_adapters:
             raise LorakitError("unmerge adapters before running a batch with per-row adapters")
         return out + self._row_term(x).to(out.dtype)
+
+    def _wide_row_term(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows' terms in float32, as the kernel computes one adapter's (decode_call)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._row_term(x.float())
 
     def _row_term(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.row_adapters

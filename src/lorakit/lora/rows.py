@@ -4,10 +4,10 @@ Grouping the rows by adapter costs a gather, two small matmuls and a scatter per
 layer, whose fixed costs add up at decoding sizes (a batch of 8 over 4 adapters ran at 0.49x of
 the same batch on one adapter). Instead, where it is cheap, the batch's adapters are laid side
 by side: A_all (sum of ranks, in) and B_all (out, sum of ranks), built once while the batch keeps
-its adapters, and a mask (rows, sum of ranks) holds each row's scaling on its own adapter's
-columns and zero elsewhere. Then
+its adapters, a mask (rows, sum of ranks) is 1 on each row's own adapter's columns and 0
+elsewhere, and `scale` holds each row's adapter's scaling. Then
 
-    delta = ((x @ A_all.T) * mask) @ B_all.T
+    delta = (((x @ A_all.T) * mask) @ B_all.T) * scale
 
 is two matmuls for the whole batch, of any ranks (no padding). Each row's value is its own
 adapter's `scaling * B (A x)`: the other adapters' terms are multiplied by an exact zero.
@@ -19,6 +19,7 @@ the rows are grouped by adapter.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,46 +29,94 @@ if TYPE_CHECKING:
     from lorakit.lora.layer import LoRALinear
 
 
+@dataclass
+class _Plan:
+    """How one batch's rows run on one layer, kept on the layer (`_side_by_side`) while the
+    batch keeps its rows and the adapters' weights stay as they are (a decoding run)."""
+
+    rows: tuple[str | None, ...]
+    names: list[str]  # the adapters among the rows that this layer has
+    weights: list[Tensor]  # their A and B, whose versions tell an in-place update
+    versions: list[int]
+    side_by_side: bool  # else grouped by adapter
+    a_all: Tensor | None = None  # (sum of ranks, in)
+    b_all: Tensor | None = None  # (out, sum of ranks)
+    mask: Tensor | None = None  # (rows, sum of ranks): 1 on the row's adapter's columns
+    scale: Tensor | None = None  # (rows,): the row's adapter's scaling
+    scaled: Tensor | None = None  # mask * scale, for float32 inputs (one product fewer)
+    spans: Tensor | None = None  # (rows, 2) int64: the row's adapter's columns, first and end
+
+    def fresh(self) -> bool:
+        return all(w._version == v for w, v in zip(self.weights, self.versions, strict=True))
+
+
 def row_delta(layer: LoRALinear, x: Tensor, rows: Sequence[str | None]) -> Tensor:
     """The LoRA term of every row of `x` (rows[i]: row i's adapter, None or an adapter this
     layer lacks: none), in the adapters' dtype or autocast's; shaped like the layer's output."""
-    names = [n for n in dict.fromkeys(rows) if n is not None and n in layer.lora_A]
-    out_shape = (*x.shape[:-1], layer.out_features)
-    if not names:
-        return x.new_zeros(out_shape)
-    total = sum(layer.lora_A[n].weight.shape[0] for n in names)
-    base_work = layer.in_features * layer.out_features
-    if layer.training or total * (layer.in_features + layer.out_features) > base_work:
-        return _grouped(layer, x, rows, names)  # (training: each adapter's dropout applies)
-    a_all, b_all, mask = _side_by_side(layer, rows, names)
+    plan = _current(layer, rows)
+    if not plan.names:
+        return x.new_zeros((*x.shape[:-1], layer.out_features))
+    if layer.training or not plan.side_by_side:  # (training: each adapter's dropout applies)
+        return _grouped(layer, x, rows, plan.names)
     if not torch.is_autocast_enabled(x.device.type):
-        x = x.to(a_all.dtype)
-    mask = mask.view(mask.shape[0], *([1] * (x.dim() - 2)), mask.shape[1])
-    return ((x @ a_all.T) * mask.to(x.dtype)) @ b_all.T
+        x = x.to(plan.a_all.dtype)
+    ones = [1] * (x.dim() - 2)
+    if x.dtype == torch.float32:
+        return ((x @ plan.a_all.T) * plan.scaled.view(len(rows), *ones, -1)) @ plan.b_all.T
+    mask, scale = plan.mask.view(len(rows), *ones, -1), plan.scale.view(-1, *ones, 1)
+    # the scaling last, as `LoRALinear._delta` applies it: the same roundings in 16 bits
+    return (((x @ plan.a_all.T) * mask.to(x.dtype)) @ plan.b_all.T) * scale
 
 
-def _side_by_side(
-    layer: LoRALinear, rows: Sequence[str | None], names: list[str]
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(A_all, B_all, mask) for these rows, kept on the layer while its adapters and the
-    batch's rows stay the same (a decoding run: every step)."""
-    weights = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
-    key = (tuple(rows), tuple((id(a), a._version, id(b), b._version) for a, b in weights))
-    cached = layer.__dict__.get("_side_by_side")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    a_all = torch.cat([a for a, _ in weights]).detach()
-    b_all = torch.cat([b for _, b in weights], dim=1).detach()
-    mask = torch.zeros(len(rows), a_all.shape[0], dtype=a_all.dtype, device=a_all.device)
+def _current(layer: LoRALinear, rows: Sequence[str | None]) -> _Plan:
+    """The layer's plan for these rows: the one kept, or a new one."""
+    key = tuple(rows)
+    plan = layer.__dict__.get("_side_by_side")
+    if plan is None or plan.rows != key or not plan.fresh():
+        plan = layer.__dict__["_side_by_side"] = _plan(layer, key)
+    return plan
+
+
+def _plan(layer: LoRALinear, rows: tuple[str | None, ...]) -> _Plan:
+    names = [n for n in dict.fromkeys(rows) if n is not None and n in layer.lora_A]
+    pairs = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
+    weights = [w for pair in pairs for w in pair]
+    total = sum(a.shape[0] for a, _ in pairs)
+    cheap = total * (layer.in_features + layer.out_features) <= (
+        layer.in_features * layer.out_features
+    )
+    plan = _Plan(rows, names, weights, [w._version for w in weights], cheap)
+    if not names:
+        return plan
+    plan.a_all = torch.cat([a for a, _ in pairs]).detach()
+    plan.b_all = torch.cat([b for _, b in pairs], dim=1).detach()
+    like = {"dtype": plan.a_all.dtype, "device": plan.a_all.device}
+    plan.mask = torch.zeros(len(rows), total, **like)
+    plan.scale = torch.zeros(len(rows), **like)
+    plan.spans = torch.zeros(len(rows), 2, dtype=torch.int64)
     columns, first = {}, 0
-    for n, (a, _) in zip(names, weights, strict=True):
+    for n, (a, _) in zip(names, pairs, strict=True):
         columns[n] = slice(first, first + a.shape[0])
         first += a.shape[0]
     for i, n in enumerate(rows):
         if n in columns:
-            mask[i, columns[n]] = layer.scaling[n]
-    layer.__dict__["_side_by_side"] = (key, (a_all, b_all, mask))
-    return a_all, b_all, mask
+            plan.mask[i, columns[n]], plan.scale[i] = 1.0, layer.scaling[n]
+            plan.spans[i] = torch.tensor([columns[n].start, columns[n].stop])
+    plan.scaled = plan.mask * plan.scale[:, None]
+    return plan
+
+
+def kernel_lora(layer: LoRALinear, rows: Sequence[str | None]) -> tuple | None:
+    """The batch's adapters as the compiled 4-bit kernel takes a mixed batch's (SGMV: each row
+    multiplies only its own adapter's A and B, inside the layer's own call;
+    kernels.nf4_matmul.LoRA); None where no row has an adapter on this layer or the adapters
+    are not float32."""
+    plan = _current(layer, rows)
+    if not plan.names or plan.a_all.dtype != torch.float32:
+        return None
+    if "bt" not in plan.__dict__:
+        plan.__dict__["bt"] = plan.b_all.T.contiguous()
+    return (plan.a_all.contiguous(), plan.__dict__["bt"], 1.0, plan.spans, plan.scale)
 
 
 def _grouped(layer: LoRALinear, x: Tensor, rows: Sequence[str | None], names: list[str]) -> Tensor:

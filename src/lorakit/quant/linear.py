@@ -276,20 +276,28 @@ class KernelCall:
     kernel: KernelWeight | FusedWeight
     lora: LoRA | None
     bias: Tensor | None
-    extra: Callable[[Tensor], Tensor] | None = None  # x -> a term added after (lora.layer's
-    # per-row adapters of a batch mixing several)
+    # x -> a float32 term added to the float32 product before it is rounded, as the kernel adds
+    # `lora` (lora.layer: the per-row adapters of a batch mixing several)
+    extra: Callable[[Tensor], Tensor] | None = None
 
     def __call__(self, x: Tensor) -> Tensor:
         dtype = self.layer._compute_dtype(x)
-        y = self.kernel(x, dtype, self.lora)
+        wide = self.out_dtype(dtype)
+        y = self.kernel(x, wide, self.lora)
         if y is None:  # the kernel refused (no memory for its buffers): the same in PyTorch
-            y = nf4_matmul_reference(x, self.layer.state, dtype, self.lora)
-        return self.finish(x, y)
+            y = nf4_matmul_reference(x, self.layer.state, wide, self.lora)
+        return self.finish(x, y, dtype)
 
-    def finish(self, x: Tensor, y: Tensor) -> Tensor:
-        """The kernel's output `y` for input `x`, with the bias and the extra term added."""
+    def out_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """What the kernel should return: float32 where an extra term is still to come."""
+        return torch.float32 if self.extra is not None else dtype
+
+    def finish(self, x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+        """The kernel's output `y` for input `x`: the extra term added, rounded to `dtype`,
+        then the bias."""
         if self.extra is not None:
-            y = y + self.extra(x).to(y.dtype)
+            y = y + self.extra(x)
+        y = y.to(dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
