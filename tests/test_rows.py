@@ -22,6 +22,7 @@ from lorakit.lora.rows import row_delta
 
 
 def _layer(ranks: dict[str, int], features=(48, 40)) -> LoRALinear:
+    torch.manual_seed(0)  # the base layer's and the A matrices' init
     layer = LoRALinear(torch.nn.Linear(*features))
     gen = torch.Generator().manual_seed(0)
     for name, rank in ranks.items():
@@ -41,16 +42,16 @@ def test_each_row_gets_its_own_adapter_side_by_side_or_grouped(shape):
             want[i] = layer._delta(x[i : i + 1], r)[0]
     side_by_side = row_delta(layer, x, rows)
     assert layer.__dict__["_side_by_side"].side_by_side  # a, b: 6 ranks, less than the layer's
-    torch.testing.assert_close(side_by_side, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(side_by_side, want, rtol=1e-5, atol=1e-5)
     layer.train()  # training (each adapter's dropout) groups the rows instead
-    torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-5, atol=1e-5)
     layer.eval()
     # the same rows later reuse the laid-out adapters; changed weights are seen
     assert row_delta(layer, x, rows) is not None
     with torch.no_grad():
         layer.lora_B["b"].weight.mul_(2)
     want[2] *= 2
-    torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(row_delta(layer, x, rows), want, rtol=1e-5, atol=1e-5)
 
 
 def test_many_adapters_in_one_batch_are_grouped_with_the_same_terms():
