@@ -18,8 +18,9 @@ import torch
 from conftest import tiny_model
 
 from lorakit.errors import LorakitError
-from lorakit.inference.engine import AdapterInUse, Busy, Engine, Request, UnknownAdapter
+from lorakit.inference.engine import Busy, Engine, Request, UnknownAdapter
 from lorakit.inference.generate import Sampling, generate_ids
+from lorakit.inference.request import AdapterInUse
 from lorakit.lora.layer import attach_lora, lora_layers, set_active_adapters
 from lorakit.lora.peft_format import AdapterConfig, load_adapter, save_adapter
 from lorakit.lora.targets import resolve_targets
@@ -201,6 +202,52 @@ def test_adapters_load_and_unload_between_steps_and_never_while_in_use(adapters)
     engine.submit(r)
     drain(engine)
     assert sink.tokens == reference("llama", adapters["a"], PROMPTS[0], 6)
+
+
+def test_with_max_loaded_the_least_recently_used_adapter_leaves_memory_and_comes_back(
+    adapters, tmp_path
+):
+    """Three adapters registered, two in memory: a request for the one unloaded reads it back
+    (once), another idle one leaves; every answer is its adapter's. A folder deleted while its
+    adapter is out of memory fails that adapter's requests, not the others'."""
+    third = shutil.copytree(adapters["a"], tmp_path / "c")
+    engine = engine_with({**adapters, "c": third}, max_loaded=2)
+    resident = lambda: {n for _, layer in lora_layers(engine.model) for n in layer.lora_A}  # noqa: E731
+    assert set(engine.adapters) == {"a", "b", "c"} and resident() == {"b", "c"}  # a: LRU, out
+    reads = []
+    real_read = engine._read
+    engine._read = lambda name, path: reads.append(name) or real_read(name, path)
+    jobs = [request(PROMPTS[i % 3], 6, name) for i, name in enumerate(["a", "a", "b", "a"])]
+    for r, _ in jobs:
+        engine.submit(r)
+    drain(engine)
+    assert reads == ["a"]  # read back once for the three requests that wait for it
+    assert resident() == {"a", "b"}  # c was the least recently used idle one
+    for i, (name, (_, sink)) in enumerate(zip(["a", "a", "b", "a"], jobs, strict=True)):
+        assert sink.tokens == reference("llama", adapters[name], PROMPTS[i % 3], 6), i
+    # three adapters in one moment with room for two: the third waits for a running one
+    jobs = [request(PROMPTS[0], 4, name) for name in ("a", "b", "c")]
+    for r, _ in jobs:
+        engine.submit(r)
+    drain(engine)
+    for name, (_, sink) in zip(("a", "b", "c"), jobs, strict=True):
+        want = reference("llama", adapters["a"] if name == "c" else adapters[name], PROMPTS[0], 4)
+        assert sink.tokens == want, name
+    assert len(resident()) == 2
+    # c's folder is deleted while it is out of memory (a and b were used last)
+    for name in ("a", "b"):
+        r, _ = request(PROMPTS[1], 2, name)
+        engine.submit(r)
+        drain(engine)
+    assert resident() == {"a", "b"}
+    shutil.rmtree(third)
+    (bad, bad_sink), (good, good_sink) = request(PROMPTS[0], 3, "c"), request(PROMPTS[0], 3, "a")
+    engine.submit(bad)
+    engine.submit(good)
+    drain(engine)
+    kind, message = bad_sink.events[-1]
+    assert kind == "error" and "adapter 'c' could not be read again" in message
+    assert good_sink.tokens == reference("llama", adapters["a"], PROMPTS[0], 3)
 
 
 def test_a_batch_on_one_adapter_decodes_with_it_folded_into_the_cached_weights(adapters):
@@ -505,6 +552,7 @@ def test_a_full_queue_answers_429(adapters, tiny_tokenizer):
         r = c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2})
         assert r.status_code == 429
         assert r.json()["error"]["type"] == "rate_limit_error"
+        assert r.headers["retry-after"] == "1"  # the OpenAI client waits that long and retries
         gate.set()
         _wait_idle(engine)  # both queued requests done: there is room again
         r = c.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2})

@@ -29,8 +29,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     if not 0 <= args.port <= 65535:
         raise LorakitError(f"--port {args.port} is not a port number (0-65535)")
-    for flag in ("max_batch", "max_queue", "max_tokens"):
-        if getattr(args, flag) <= 0:
+    for flag in ("max_batch", "max_queue", "max_tokens", "max_loaded"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise LorakitError(f"--{flag.replace('_', '-')} must be positive")
     api_key = args.api_key or os.environ.get("LORAKIT_API_KEY") or None
     adapters = [adapter_spec(spec) for spec in args.adapter or []]
@@ -51,7 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if name in {a for a, _ in adapters}:
         raise LorakitError(f"{name!r} names both the base and an adapter; rename one")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    engine = Engine(model, eos, pad_id(tokenizer), args.max_batch, args.max_queue)
+    engine = Engine(
+        model, eos, pad_id(tokenizer), args.max_batch, args.max_queue, max_loaded=args.max_loaded
+    )
     for adapter, path in adapters:
         config = engine.load_adapter(adapter, path).result()
         if config.base_model and config.base_model != source.name:
@@ -99,5 +101,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)"
+    )
+    p.add_argument(
+        "--max-loaded",
+        type=int,
+        default=None,
+        help="most adapters kept in memory (default: all); the least recently used idle one "
+        "leaves memory and is read again from its folder when a request names it",
     )
     p.set_defaults(func=cmd_serve)

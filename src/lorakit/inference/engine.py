@@ -38,17 +38,18 @@ from lorakit.inference.decoder import (
     positions,
 )
 from lorakit.inference.kv_cache import cat_rows
-from lorakit.inference.request import AdapterInUse, Busy, Request, UnknownAdapter
+from lorakit.inference.request import Busy, Request, UnknownAdapter
+from lorakit.inference.residency import LRU, AdapterShelf
 from lorakit.inference.sampling import greedy, next_tokens
-from lorakit.lora.layer import folded_adapters, lora_layers, row_adapters, set_active_adapters
-from lorakit.lora.peft_format import load_adapter
+from lorakit.lora.layer import folded_adapters, row_adapters, set_active_adapters
 from lorakit.models.loading import context_length
 from lorakit.models.precision import autocast
 from lorakit.quant.linear import dequantized_weights, use_weight_cache
 
 
-class Engine:
-    """Continuous-batching generation over one model with many adapters (see module docstring)."""
+class Engine(AdapterShelf):
+    """Continuous-batching generation over one model with many adapters (see module docstring;
+    which adapters stay in memory: inference.residency)."""
 
     def __init__(
         self,
@@ -58,6 +59,7 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 256,
         cache_weights: bool | None = None,
+        max_loaded: int | None = None,
     ) -> None:
         self.model = model
         self.eos = set(eos_ids)
@@ -73,7 +75,8 @@ class Engine:
         self.cache_weights = cache_weights
         self._length = self.context or 1 << 30  # what every decoder is made for (joinable)
         check_joinable(model, self._length)
-        self.adapters: dict[str, str] = {}  # name -> directory it was loaded from
+        self.adapters: dict[str, str] = {}  # every registered name -> its folder
+        self.resident = LRU(max_loaded)  # the ones in memory
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], object], Future]] = deque()
@@ -125,36 +128,6 @@ class Engine:
                 return future
         _run_command(fn, future)
         return future
-
-    def load_adapter(self, name: str, path: str) -> Future:
-        def load() -> object:
-            if name in self.adapters:
-                raise LorakitError(f"an adapter named {name!r} is already loaded")
-            config = load_adapter(self.model, path, name=name)
-            self._setting = None  # a loaded adapter starts active: set the adapters again
-            with self._cond:
-                self.adapters[name] = str(path)
-            return config
-
-        return self.call(load)
-
-    def unload_adapter(self, name: str) -> Future:
-        def unload() -> None:
-            with self._cond:
-                if name not in self.adapters:
-                    raise UnknownAdapter(f"no adapter named {name!r} is loaded")
-                busy = sum(r.adapter == name for r in [*self.rows, *self._waiting])
-                if busy:
-                    raise AdapterInUse(
-                        f"adapter {name!r} is serving {busy} request(s); retry when they finish"
-                    )
-                del self.adapters[name]
-            for _, layer in lora_layers(self.model):
-                if name in layer.lora_A:
-                    layer.delete_adapter(name)
-            self._setting = None  # the adapters changed
-
-        return self.call(unload)
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) request counts."""
@@ -221,6 +194,7 @@ class Engine:
             if not self.rows or self._decoder is None:
                 return
             self.batch_sizes.append(len(self.rows))
+            self.resident.touch(r.adapter for r in self.rows)
             logits = self._forward(self._decoder, self._last[:, None], self._mask, self.rows, True)
             self._last = torch.tensor(self._deliver(self.rows, logits), device=self.device)
             self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
@@ -285,8 +259,14 @@ class Engine:
         with self._cond:
             while self._waiting and len(self.rows) + len(new) < self.max_batch:
                 r = self._waiting.popleft()
-                if not r.cancelled.is_set():
-                    new.append(r)
+                if r.cancelled.is_set():
+                    continue
+                if not self._room_for(new, r):  # its adapter waits for a running one to end
+                    self._waiting.appendleft(r)
+                    break
+                new.append(r)
+        failed = self._bring_in(new)
+        new = [r for r in new if r not in failed]
         if not new:
             return
         self._admitting = new

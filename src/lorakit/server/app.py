@@ -46,8 +46,8 @@ from lorakit.server.schemas import (
 
 
 def _engine_error(e: LorakitError) -> ApiError:
-    if isinstance(e, Busy):
-        return ApiError(429, str(e), "rate_limit_error", "queue_full")
+    if isinstance(e, Busy):  # OpenAI's clients wait Retry-After seconds, then try again
+        return ApiError(429, str(e), "rate_limit_error", "queue_full", headers={"Retry-After": "1"})
     if isinstance(e, UnknownAdapter):
         return ApiError(404, str(e), code="model_not_found", param="model")
     if isinstance(e, AdapterInUse):
@@ -350,7 +350,7 @@ async def _on_error(http: HttpRequest, e: Exception) -> JSONResponse:
         e = ApiError(e.status_code, str(e.detail), kind)
     elif not isinstance(e, ApiError):
         e = ApiError(500, f"internal error: {e}", "server_error")
-    return JSONResponse(e.body, status_code=e.status)
+    return JSONResponse(e.body, status_code=e.status, headers=e.headers)
 
 
 def _text(content: str | list[TextPart] | None) -> str:
