@@ -15,17 +15,7 @@ import argparse
 import time
 
 import torch
-
-PROMPTS = [
-    "What does hacker mean?",
-    "Explain what a kludge is.",
-    "Write a haiku about compilers.",
-    "What is the Jargon File?",
-    "Describe a foobar.",
-    "What does grok mean?",
-    "Tell me about the PDP-10.",
-    "What is a daemon in Unix?",
-]
+from generation import PROMPTS  # bench/ is on sys.path when run as a script
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:

@@ -22,7 +22,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.kernels.nf4_matmul import KernelWeight
-from lorakit.lora.rows import kernel_lora, row_delta
+from lorakit.lora.rows import forget, kernel_lora, row_delta
 from lorakit.quant.linear import KERNEL_ROWS, KernelCall, NF4Linear
 
 
@@ -86,7 +86,7 @@ class LoRALinear(nn.Module):
         if rank <= 0:
             raise LorakitError(f"LoRA rank must be a positive integer, got {rank}; try --rank 16")
         check_adapter_name(name)
-        self.__dict__.pop("_side_by_side", None)  # lora.rows' plan of the batch's adapters
+        forget(self)  # what lora.rows keeps for mixed batches
         if name in self.lora_A:
             raise LorakitError(
                 f"adapter {name!r} already exists on this layer; choose another name"
@@ -114,7 +114,7 @@ class LoRALinear(nn.Module):
         return self.base_layer
 
     def delete_adapter(self, name: str) -> None:
-        self.__dict__.pop("_side_by_side", None)  # lora.rows' plan of the batch's adapters
+        forget(self)  # what lora.rows keeps for mixed batches
         if name in self.merged_adapters:
             self.unmerge(name)
         for table in (self.lora_A, self.lora_B, self.lora_dropout):
