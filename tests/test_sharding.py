@@ -103,7 +103,8 @@ def test_two_ranks_holding_half_the_base_each_take_one_process_steps(wide_model_
     two = _train(wide_model_dir, data, tmp_path / "two", 2, *args, "--shard-base")
     held, total = map(float, re.search(r"holds ([\d.]+) of their ([\d.]+) MB", two.stdout).groups())
     assert held == pytest.approx(total / 2, rel=0.02)
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    # bf16 compute: the split base is dequantized per use, the whole one may be cached
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-3)
     _same_adapter(tmp_path / "one", tmp_path / "two")
     assert two.stdout.count("done: 3 steps") == 1
 
@@ -114,6 +115,6 @@ def test_a_sharded_run_resumes_where_it_stopped(wide_model_dir, tmp_path):
     _train(wide_model_dir, data, tmp_path / "one", 1, "--steps", "4")
     _train(wide_model_dir, data, out, 2, "--steps", "2", "--save-every", "1", "--shard-base")
     _train(wide_model_dir, data, out, 2, "--steps", "4", "--resume", "--shard-base")
-    assert _losses(out)[-2:] == pytest.approx(_losses(tmp_path / "one")[-2:], rel=1e-4)
+    assert _losses(out)[-2:] == pytest.approx(_losses(tmp_path / "one")[-2:], rel=1e-3)
     _same_adapter(tmp_path / "one", out)
     assert json.loads((out / "train_config.json").read_text())["shard_base"] is True
