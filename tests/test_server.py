@@ -638,6 +638,22 @@ def test_a_broken_adapter_is_refused_with_its_reason_and_serving_goes_on(client,
     assert ok.status_code == 200
 
 
+def test_an_adapter_of_another_base_is_refused_and_serving_goes_on(client, adapters):
+    """An adapter trained on a base of other sizes: a 400 naming the mismatch, nothing half
+    loaded, the server answers on."""
+    other = tiny_model("llama", hidden_size=64, intermediate_size=128)
+    modules, targets = resolve_targets(other, "default")
+    attach_lora(other, modules, "x", rank=4, alpha=8)
+    path = adapters["a"].parent / "other"
+    save_adapter(other, path, AdapterConfig(rank=4, alpha=8, target_modules=targets), "x")
+    r = client.post("/v1/adapters", json={"name": "other", "path": "other"})
+    assert r.status_code == 400, r.text
+    assert "64" in r.json()["error"]["message"]  # the other base's size, named
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [BASE, "a", "b"]
+    ok = client.post("/v1/completions", json={"model": "a", "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
 def test_no_adapter_folders_means_no_loading(adapters, tiny_tokenizer):
     engine = engine_with(adapters, tiny_tokenizer)
     with TestClient(create_app(engine, tiny_tokenizer, BASE)) as c:
