@@ -81,8 +81,7 @@ def _together(modules: list[nn.Module], decoding: bool) -> Projections:
 
     def run(x: Tensor) -> list[Tensor]:
         dtype = layer._compute_dtype(x)
-        wide = torch.float32 if any(c.extra is not None for c in calls) else dtype
-        ys = group(x, wide)
+        ys = group(x, dtype)  # (no extra terms here: a mixed batch's adapters are in `group`)
         if ys is None:  # the kernel refused: each projection's call, with its PyTorch fallback
             return [c(x) for c in calls]
         return [c.finish(x, y, dtype) for c, y in zip(calls, ys, strict=True)]
