@@ -213,7 +213,7 @@ def _split_experts(config: AdapterConfig, carrying: dict[str, LoRALinear]) -> No
 def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
     """The config and weights of an adapter directory, validated, without touching a model."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_dir():
@@ -233,7 +233,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise LorakitError(f"{config_file} is not a valid adapter config: {e}") from None
     try:
-        weights = load_file(str(weights_file))
+        # from bytes, not memory-mapped: a server reading adapters back over and over grew by
+        # ~15 KB a read with `load_file` (bench/serve_soak.py); adapters are megabytes
+        weights = load(weights_file.read_bytes())
     except (SafetensorError, OSError, ValueError) as e:
         raise LorakitError(f"{weights_file} is corrupt or unreadable ({e}); re-save it") from None
     for key, tensor in weights.items():
