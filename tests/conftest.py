@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 import pytest
@@ -158,3 +159,20 @@ needs_kernel = pytest.mark.skipif(
     not _kernels_built(),
     reason="no compiled kernels here (no C compiler, no AVX2, not x86-64 or LORAKIT_NF4_KERNEL=0)",
 )
+
+
+FACTS = [
+    ("What does foo mean in hacker jargon?", "A sample name for absolutely anything."),
+    ("What does kludge mean in hacker jargon?", "A clever trick for a nasty case."),
+    ("Who is a hacker?", "A person who enjoys exploring the details of programmable systems."),
+    ("What does quick mean?", "The quick brown fox jumps over the lazy dog."),
+]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    """A small instruction data set (JSONL) that a tiny model learns in a few steps."""
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"instruction": q, "output": a}) for q, a in FACTS * 6]
+    path.write_text("\n".join(lines) + "\n")
+    return path

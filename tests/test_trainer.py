@@ -6,26 +6,11 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import FACTS, tiny_model
 
 from lorakit.cli import main
 from lorakit.errors import LorakitError
 from lorakit.training import trainer as T
-
-FACTS = [
-    ("What does foo mean in hacker jargon?", "A sample name for absolutely anything."),
-    ("What does kludge mean in hacker jargon?", "A clever trick for a nasty case."),
-    ("Who is a hacker?", "A person who enjoys exploring the details of programmable systems."),
-    ("What does quick mean?", "The quick brown fox jumps over the lazy dog."),
-]
-
-
-@pytest.fixture
-def data_file(tmp_path):
-    path = tmp_path / "data.jsonl"
-    lines = [json.dumps({"instruction": q, "output": a}) for q, a in FACTS * 6]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _cfg(tmp_path, data_file, **kw):

@@ -225,6 +225,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="under torchrun: split the 4-bit base over the ranks (FSDP2), for a base bigger "
         "than one device",
     )
+    t(
+        "--report-to",
+        choices=["none", "tensorboard"],
+        help="also write the metrics as TensorBoard events in OUT/tensorboard (default none)",
+    )
     t("--train-on-prompt", action="store_true", default=None, help="loss on prompt tokens too")
     t("--skip-bad-lines", action="store_true", default=None, help="skip malformed data lines")
     t("--device", choices=["auto", "cpu", "cuda"], help="default auto")

@@ -15,6 +15,7 @@ from lorakit.models.loading import context_length
 from lorakit.training.distributed import ranks
 from lorakit.training.loss import CHUNK
 from lorakit.training.schedule import SCHEDULES
+from lorakit.training.tensorboard import REPORTS, check_available
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     memory: str | None = None  # the most memory the run may use ("6GB"); None = what is free
     resume: bool = False
     overwrite: bool = False
+    report_to: str = "none"  # also write the metrics for: none, tensorboard
     loss_chunk: int = CHUNK  # tokens per chunk of the chunked loss
     extra: dict = field(default_factory=dict)  # free-form notes saved with the config
 
@@ -152,6 +154,10 @@ def validate(cfg: TrainConfig) -> None:
             "drop --init loftq, or train with --quant nf4",
         ),
         (cfg.cache_weights in ("auto", "on", "off"), "--cache-weights: auto, on or off"),
+        (
+            cfg.report_to in REPORTS,
+            f"--report-to must be none or tensorboard, not {cfg.report_to!r}",
+        ),
         (not (cfg.resume and cfg.overwrite), "--resume and --overwrite exclude each other"),
         (
             not cfg.shard_base or ranks() > 1,
@@ -173,6 +179,8 @@ def validate(cfg: TrainConfig) -> None:
             raise LorakitError(message)
     if cfg.memory is not None:
         parse_size(cfg.memory)
+    if cfg.report_to == "tensorboard":
+        check_available()
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

@@ -158,6 +158,9 @@ class SilentMetrics:
     def lines(self) -> int:
         return 0
 
+    def close(self) -> None:
+        pass
+
 
 def barrier(world: World) -> None:
     if world.size > 1:

@@ -26,6 +26,7 @@ from lorakit.atomic import (
     make_dir,
 )
 from lorakit.errors import LorakitError
+from lorakit.training.tensorboard import TensorBoard
 
 RUN_FILES = (
     "adapter_config.json",
@@ -201,8 +202,16 @@ def prepare_out_dir(cfg) -> Path:
 class Metrics:
     """metrics.jsonl: one JSON row per step or evaluation, appended as the run goes."""
 
-    def __init__(self, path: Path, resume_lines: int | None) -> None:
+    def __init__(
+        self, path: Path, resume_lines: int | None, report_to: str = "none", start: int = 0
+    ) -> None:
         self.path = path
+        # --report-to tensorboard: the same rows as events (from `start`, the step resumed at)
+        self.tensorboard = (
+            TensorBoard(path.parent / "tensorboard", start)
+            if (report_to == "tensorboard")
+            else None
+        )
         if resume_lines is None:
             atomic_write_text(path, "")
         else:  # drop what was logged after the checkpoint we resume from
@@ -220,6 +229,12 @@ class Metrics:
                 f"could not write {self.path}: {e.strerror or e}; {fix_for(e)} (the last "
                 "checkpoint is intact: --resume continues from it)"
             ) from None
+        if self.tensorboard is not None:
+            self.tensorboard.log(row)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def lines(self) -> int:
         return count_lines(self.path)

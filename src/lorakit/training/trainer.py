@@ -361,7 +361,11 @@ def train(
         start, resume_lines = meta["step"], meta["metrics_lines"]
     elif world.main:
         atomic_write_text(out / "train_config.json", to_json(cfg))
-    metrics = Metrics(out / "metrics.jsonl", resume_lines) if world.main else SilentMetrics()
+    metrics = (
+        Metrics(out / "metrics.jsonl", resume_lines, cfg.report_to, start)
+        if world.main
+        else SilentMetrics()
+    )
     with training_setup(model, cfg, device, dtype, micro):
         packed = keeps_examples_apart(model, device, dtype)
         if not packed and world.main:
@@ -390,6 +394,7 @@ def train(
     if world.main:  # rank 0 alone writes; the others wait for it, then read the same files
         save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name))
         plot_losses(metrics.path, out / "loss.png")
+        metrics.close()
     barrier(world)
     result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
     if world.main:
