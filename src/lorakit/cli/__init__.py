@@ -19,13 +19,23 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lorakit.cli import adapters, anatomy, evaluate, generate, plan, quantize, serve, train
+    from lorakit.cli import (
+        adapters,
+        anatomy,
+        evaluate,
+        export,
+        generate,
+        plan,
+        quantize,
+        serve,
+        train,
+    )
 
     parser = Parser(
         prog="lorakit", description="QLoRA fine-tuning on the hardware you already have."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (anatomy, plan, quantize, train, generate, evaluate, adapters, serve):
+    for group in (anatomy, plan, quantize, train, generate, evaluate, adapters, export, serve):
         group.add_parser(sub)
     return parser
 

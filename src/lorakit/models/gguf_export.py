@@ -1,0 +1,189 @@
+"""Adapters and merged models for llama.cpp and Ollama, as GGUF files.
+
+An adapter becomes what llama.cpp's own `convert_lora_to_gguf.py` writes: the base's GGUF
+architecture, `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and for each
+adapted weight (named as llama.cpp names the base's, e.g. `blk.0.attn_q.weight`) two tensors,
+`<name>.lora_a` holding A (rank, in) and `<name>.lora_b` holding B (out, rank). llama.cpp adds
+`alpha / rank * B @ A` to the weight, so a module whose scaling differs from that (rsLoRA,
+alpha_pattern, rank_pattern) has its B scaled to match. LLaMA's converter reorders the rows of
+q and k (rotary halves interleaved: `_rotary_rows`); B's rows follow them.
+
+A merged model is written from a GGUF base (`--merged`): every tensor and setting of the base
+(tokenizer, chat template), the adapted weights with the adapter added, 2-D weights stored as
+F16, Q8_0 or F32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lorakit.atomic import atomic_write
+from lorakit.errors import LorakitError
+from lorakit.lora.peft_format import AdapterConfig, group_weights, read_adapter
+
+# transformers model_type -> (llama.cpp architecture, whether its converter reorders q/k rows).
+# Only bases whose converter renames weights without fusing or transposing them.
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+}
+ADAPTER_TYPES = ("f32", "f16")
+MERGED_TYPES = ("f16", "q8_0", "f32")
+
+
+def export_adapter(
+    adapter: str | os.PathLike, base_config, out: Path, outtype: str = "f32"
+) -> list[str]:
+    """Write the adapter at `adapter` as a llama.cpp LoRA GGUF; returns the adapted weights'
+    GGUF names."""
+    import gguf
+
+    arch, config, terms = adapter_terms(adapter, base_config)
+    tensors = {}
+    for name, (a, b, scaling) in terms.items():
+        # llama.cpp's scale is alpha / rank, rank read from B: the rest goes into B
+        b = b * (scaling / (config.alpha / a.shape[0]))
+        tensors[name + ".lora_a"] = a
+        tensors[name + ".lora_b"] = b
+    ftype = gguf.LlamaFileType.ALL_F32 if outtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(config.alpha))
+        writer.add_file_type(ftype)
+        for name, t in tensors.items():
+            array = t.numpy()
+            writer.add_tensor(name, array.astype(np.float16) if outtype == "f16" else array)
+        _finish(writer)
+
+    atomic_write(out, write)
+    return list(terms)
+
+
+def export_merged(adapter: str | os.PathLike, base_gguf: Path, out: Path, outtype: str) -> None:
+    """Write the GGUF base at `base_gguf` with the adapter added, as one model file."""
+    import gguf
+
+    from lorakit.models.loading import ModelSource, load_config
+
+    reader = gguf.GGUFReader(str(base_gguf))
+    arch, _, terms = adapter_terms(adapter, load_config(ModelSource("gguf", base_gguf, "")))
+    missing = set(terms) - {t.name for t in reader.tensors}
+    if missing:
+        raise LorakitError(f"{base_gguf} lacks {sorted(missing)[0]}, which the adapter adapts")
+    qtype = {
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "f32": gguf.GGMLQuantizationType.F32,
+    }[outtype]
+    ftype = {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "f32": gguf.LlamaFileType.ALL_F32,
+    }[outtype]
+
+    def write(tmp: str) -> None:
+        writer = gguf.GGUFWriter(tmp, arch)
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+                continue  # the writer's own, or set below
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+        writer.add_file_type(ftype)
+        for t in reader.tensors:
+            weight = gguf.quants.dequantize(t.data, t.tensor_type)
+            if t.name in terms:
+                a, b, scaling = terms[t.name]
+                weight = weight + scaling * (b @ a).numpy()
+            if weight.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(t.name, np.ascontiguousarray(weight, dtype=np.float32))
+            elif qtype == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(t.name, weight.astype(np.float16))
+            else:
+                writer.add_tensor(t.name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+        _finish(writer)
+
+    atomic_write(out, write)
+
+
+def adapter_terms(
+    adapter: str | os.PathLike, base_config
+) -> tuple[str, AdapterConfig, dict[str, tuple[torch.Tensor, torch.Tensor, float]]]:
+    """(llama.cpp architecture, the adapter's config, {GGUF weight name: (A, B with its rows
+    in llama.cpp's order, scaling)}) of the adapter on a base of `base_config`; refuses what
+    llama.cpp cannot take."""
+    import gguf
+
+    where = Path(adapter)
+    config, weights = read_adapter(adapter)
+    if config.target_parameters:
+        raise LorakitError(
+            f"{where}: the adapter adapts expert weights ({config.target_parameters[0]}), "
+            "which llama.cpp's LoRA adapters do not hold"
+        )
+    modules = group_weights(weights, config, where)
+    model_type = base_config.model_type
+    if model_type not in ARCHITECTURES:
+        raise LorakitError(
+            f"{where}: the adapter adapts {next(iter(modules))} of a {model_type} model, whose "
+            "weights llama.cpp's converter reshapes; lorakit exports adapters of "
+            f"{', '.join(sorted(ARCHITECTURES))} bases (use this one with transformers + PEFT "
+            "or `lorakit serve`)"
+        )
+    arch, reorders = ARCHITECTURES[model_type]
+    layers = base_config.num_hidden_layers
+    names = gguf.get_tensor_name_map(_arch_enum(arch), layers)
+    heads = base_config.num_attention_heads
+    kv_heads = getattr(base_config, "num_key_value_heads", None) or heads
+    tied = bool(getattr(base_config, "tie_word_embeddings", False))
+    terms = {}
+    for module, pair in modules.items():
+        name = names.get_name(module)
+        if name is None or name == "token_embd" or (name == "output" and tied):
+            why = "ties it to the embeddings" if name == "output" else "has no such weight"
+            raise LorakitError(
+                f"{where}: the adapter adapts {module}, which llama.cpp's {arch} model {why}; "
+                "train without it (e.g. --targets default)"
+            )
+        a, b = pair["A"].float(), pair["B"].float()
+        rank = a.shape[0]
+        if reorders and name.endswith(".attn_q"):
+            b = _rotary_rows(b, heads)
+        elif reorders and name.endswith(".attn_k"):
+            b = _rotary_rows(b, kv_heads)
+        terms[name + ".weight"] = (a.contiguous(), b.contiguous(), _scaling(config, module, rank))
+    return arch, config, terms
+
+
+def _scaling(config: AdapterConfig, module: str, rank: int) -> float:
+    alpha = config.alpha_for(module)
+    return alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+
+
+def _rotary_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """The rows of a q or k projection in the order llama.cpp's LLaMA converter stores them:
+    within each head, the first and second rotary halves interleaved."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _arch_enum(arch: str):
+    import gguf
+
+    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
