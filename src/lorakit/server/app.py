@@ -3,7 +3,8 @@
 `create_app` builds the FastAPI app (the only module that imports the web framework):
 GET /v1/models, POST /v1/completions, POST /v1/chat/completions (`stream: true` sends
 server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), POST /v1/adapters and
-DELETE /v1/adapters/{name} to load and unload adapters while serving, GET /health. The request's
+DELETE /v1/adapters/{name} to load and unload adapters while serving, GET /v1/adapters (those in
+the allowed folders), GET /health, and GET / (the playground page: playground.html). The request's
 `model` picks the base (its name) or an adapter (its name). Every client mistake gets a 4xx with
 OpenAI's error body {"error": {"message", "type", "param", "code"}}.
 """
@@ -23,7 +24,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lorakit.errors import LorakitError
@@ -40,6 +41,7 @@ from lorakit.server.schemas import (
     GenerateBody,
     TextPart,
     allowed_adapter_path,
+    available_adapters,
     check_adapter_name,
     parse_body,
 )
@@ -301,6 +303,12 @@ class Server:
             raise _engine_error(e) from None
         return {"id": name, "object": "model", "deleted": True}
 
+    async def available(self) -> dict:
+        rows = await asyncio.to_thread(
+            available_adapters, self.adapter_dirs, dict(self.engine.adapters)
+        )
+        return {"object": "list", "data": rows}
+
     async def health(self) -> dict:
         running, waiting = self.engine.load()
         return {"status": "ok", "running": running, "waiting": waiting}
@@ -331,14 +339,21 @@ def create_app(
     for kind in (ApiError, RequestValidationError, HTTPException, Exception):
         app.add_exception_handler(kind, _on_error)
     app.get("/health")(server.health)
+    app.get("/", response_class=HTMLResponse)(_playground)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.check_key)])
     v1.get("/models")(server.models)
     v1.post("/completions")(server.completions)
     v1.post("/chat/completions")(server.chat)
+    v1.get("/adapters")(server.available)
     v1.post("/adapters")(server.load)
     v1.delete("/adapters/{name}")(server.unload)
     app.include_router(v1)
     return app
+
+
+async def _playground() -> HTMLResponse:
+    """The playground page: the base and adapters answering one prompt side by side."""
+    return HTMLResponse((Path(__file__).parent / "playground.html").read_text())
 
 
 async def _on_error(http: HttpRequest, e: Exception) -> JSONResponse:

@@ -144,6 +144,35 @@ def allowed_adapter_path(path: str, allowed: Sequence[str | Path]) -> Path:
     )
 
 
+def available_adapters(allowed: Sequence[str | Path], loaded: dict[str, str]) -> list[dict]:
+    """The adapters inside the allowed directories (what POST /v1/adapters may load): name,
+    path, rank, eval loss, whether one of `loaded` (name -> folder) is it, and a name to load
+    it under."""
+    from lorakit.lora.library import adapter_library
+
+    folders = {str(Path(p).resolve()): n for n, p in loaded.items()}
+    rows = []
+    for root in allowed:
+        for r in adapter_library(root):
+            if r.get("warning"):
+                continue
+            path = str(Path(r["path"]).resolve())
+            suggested = re.sub(r"[^A-Za-z0-9_-]", "-", Path(path).name)[:64].lstrip("-_")
+            rows.append(
+                {
+                    "name": r["name"],
+                    "path": path,
+                    "base_model": r["base_model"],
+                    "rank": r["rank"],
+                    "eval_loss": r["eval_loss"],
+                    "loaded": path in folders,
+                    "loaded_as": folders.get(path),
+                    "suggested_name": suggested or "adapter",
+                }
+            )
+    return rows
+
+
 def check_adapter_name(name: str, base_name: str) -> None:
     if not ADAPTER_NAME.match(name) or name == base_name:
         raise ApiError(
