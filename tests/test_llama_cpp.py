@@ -1,0 +1,85 @@
+"""The exported GGUF files in llama.cpp itself (llama-cpp-python, which builds llama.cpp from
+source: `pip install llama-cpp-python`; skipped where it is not installed): the adapter and the
+merged model give llama.cpp the logits and greedy tokens lorakit gives with the adapter, on an
+F16 base."""
+
+import numpy as np
+import pytest
+import torch
+from test_gguf_export import _adapter
+
+from lorakit.cli import main
+from lorakit.inference.generate import Sampling, generate_ids
+from lorakit.lora.layer import set_active_adapters
+from lorakit.lora.peft_format import load_adapter
+from lorakit.models.loading import load_model, resolve_model
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
+gguf = pytest.importorskip("gguf")
+PROMPT = [1, 504, 3458, 314, 253, 2726, 30, 355, 2118, 42, 9863, 28]
+NEW = 16
+
+
+def _f16_base(out):
+    """The embedded base (Q4_1) as an F16 GGUF: what llama.cpp and lorakit both start from."""
+    reader = gguf.GGUFReader(str(resolve_model("smollm2").path))
+    writer = gguf.GGUFWriter(str(out), "llama")
+    for key, field in reader.fields.items():
+        if not key.startswith("GGUF.") and key not in ("general.architecture", "general.file_type"):
+            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        writer.add_tensor(t.name, w.astype(np.float16 if w.ndim == 2 else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _llama_cpp(model_path, lora_path=None):
+    """(logits of PROMPT's positions, greedy NEW tokens) from llama.cpp."""
+    kw = {"lora_path": str(lora_path)} if lora_path else {}
+    llm = llama_cpp.Llama(
+        model_path=str(model_path), n_ctx=128, logits_all=True, verbose=False, seed=0, **kw
+    )
+    llm.eval(PROMPT)
+    logits = torch.tensor(np.array(llm.scores[: len(PROMPT)]))
+    llm.reset()
+    tokens = []
+    for token in llm.generate(PROMPT, temp=0.0, top_k=1, top_p=1.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == NEW:
+            break
+    llm.close()
+    return logits, tokens
+
+
+@pytest.mark.slow
+def test_llama_cpp_with_the_exported_adapter_and_merged_model_answers_as_lorakit(tmp_path):
+    base_gguf = _f16_base(tmp_path / "base-f16.gguf")
+    model = load_model(str(base_gguf), quant="none", dtype=torch.float32, with_tokenizer=False)[0]
+    bare_logits = model(torch.tensor([PROMPT])).logits[0].detach()
+    adapter = _adapter(model, tmp_path / "ad")
+    model = load_model(str(base_gguf), quant="none", dtype=torch.float32, with_tokenizer=False)[0]
+    load_adapter(model, adapter, name="x")
+    set_active_adapters(model, ["x"])
+    with torch.no_grad():
+        want_logits = model(torch.tensor([PROMPT])).logits[0]
+    want_tokens = generate_ids(model, [PROMPT], Sampling(max_new_tokens=NEW))[0]
+    assert (want_logits - bare_logits).abs().max() > 0.5  # the adapter changes the answers
+
+    out = tmp_path / "ad.gguf"
+    assert main(["export", str(adapter), "--model", str(base_gguf), "--out", str(out)]) == 0
+    merged = tmp_path / "merged.gguf"
+    args = ["export", str(adapter), "--model", str(base_gguf), "--merged", "--out", str(merged)]
+    assert main(args) == 0
+    for model_path, lora in [(base_gguf, out), (merged, None)]:
+        logits, tokens = _llama_cpp(model_path, lora)
+        # llama.cpp rounds activations to 16 bits for F16 weights: close, not equal
+        torch.testing.assert_close(logits, want_logits, atol=0.05, rtol=0.01)
+        assert tokens == want_tokens, (model_path.name, tokens, want_tokens)
+    bare, _ = _llama_cpp(base_gguf)
+    torch.testing.assert_close(bare, bare_logits, atol=0.05, rtol=0.01)
