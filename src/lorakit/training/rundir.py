@@ -232,7 +232,9 @@ class Metrics:
         if self.tensorboard is not None:
             self.tensorboard.log(row)
 
-    def close(self) -> None:
+    def finish(self, png: Path) -> None:
+        """The loss curve drawn, the TensorBoard events closed."""
+        plot_losses(self.path, png)
         if self.tensorboard is not None:
             self.tensorboard.close()
 

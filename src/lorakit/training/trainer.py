@@ -63,7 +63,6 @@ from lorakit.training.rundir import (
     TrainResult,
     check_out_dir,
     load_checkpoint,
-    plot_losses,
     prepare_out_dir,
     save_checkpoint,
     summarize,
@@ -361,11 +360,8 @@ def train(
         start, resume_lines = meta["step"], meta["metrics_lines"]
     elif world.main:
         atomic_write_text(out / "train_config.json", to_json(cfg))
-    metrics = (
-        Metrics(out / "metrics.jsonl", resume_lines, cfg.report_to, start)
-        if world.main
-        else SilentMetrics()
-    )
+    kept = Metrics if world.main else SilentMetrics  # (rank 0 alone keeps them)
+    metrics = kept(out / "metrics.jsonl", resume_lines, cfg.report_to, start)
     with training_setup(model, cfg, device, dtype, micro):
         packed = keeps_examples_apart(model, device, dtype)
         if not packed and world.main:
@@ -393,8 +389,7 @@ def train(
     run.checkpoint(done)
     if world.main:  # rank 0 alone writes; the others wait for it, then read the same files
         save_adapter(model, out, adapter_config_for(cfg, peft_targets, base_name))
-        plot_losses(metrics.path, out / "loss.png")
-        metrics.close()
+        metrics.finish(out / "loss.png")
     barrier(world)
     result = summarize(out, done, tokens_seen / max(wall, 1e-9), wall, interrupted)
     if world.main:
