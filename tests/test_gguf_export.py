@@ -121,7 +121,7 @@ def test_a_merged_gguf_loads_with_the_adapters_answers(tmp_path, default_gguf):
     model, _, _ = load_model(
         "smollm2", quant="none", dtype=torch.float32, device="cpu", with_tokenizer=False
     )
-    model.float()
+    bare = _logits(model, IDS)
     adapter = _adapter(model, tmp_path / "ad")
     want = _logits(model, IDS)
     for outtype, tolerance in [("f32", 2e-3), ("q8_0", None)]:
@@ -138,8 +138,9 @@ def test_a_merged_gguf_loads_with_the_adapters_answers(tmp_path, default_gguf):
         )
         if tolerance:
             torch.testing.assert_close(got, want, atol=tolerance, rtol=1e-3)
-        else:  # 8 bits: the same next tokens
-            assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+        else:  # 8 bits: within Q8_0's error (0.6% a weight; 0.14 a logit here), adapter kept
+            error = (got - want).abs().mean()
+            assert error < 0.3 and error < 0.5 * (got - bare).abs().mean()
 
 
 @pytest.mark.slow
@@ -160,6 +161,20 @@ def test_refusals_are_one_line(tmp_path, capsys, tiny_model_dir):
 
     refused(["export", str(adapter), "--out", str(out)], "exists; add --overwrite")
     assert out.read_text() == "keep me"
+    refused(["export", str(adapter), "--out", str(tmp_path)], "is a directory")
+    # an adapter of another LLaMA: its sizes are not the default model's
+    tiny = load_model(str(tiny_model_dir), quant="none", device="cpu", with_tokenizer=False)[0]
+    small = _adapter(tiny, tmp_path / "small")
+    args = [
+        "export",
+        str(small),
+        "--model",
+        "smollm2",
+        "--merged",
+        "--out",
+        str(tmp_path / "s.gguf"),
+    ]
+    refused(args, "the adapter is for another base")
     refused(
         [
             "export",

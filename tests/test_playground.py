@@ -42,6 +42,24 @@ def test_the_page_and_the_adapters_it_can_load(served):
         assert by_name["b"]["path"] == str(paths["b"].resolve())
 
 
+def test_the_list_has_each_adapter_once_under_a_name_no_other_has(tmp_path, tiny_tokenizer):
+    root = tmp_path / "adapters"
+    paths = make_adapters("llama", root / "x")
+    for name, path in paths.items():  # x/a, x/b and a copy of each as y/a, y/b
+        shutil.copytree(path, root / "y" / name)
+    (root / ".hidden").mkdir()
+    shutil.copytree(paths["a"], root / ".hidden" / "a")
+    shutil.copytree(paths["a"], root / "1" / "2" / "3" / "deep")  # three folders down
+    engine = engine_with({"x-a": paths["a"]}, tiny_tokenizer)
+    app = create_app(engine, tiny_tokenizer, BASE, adapter_dirs=[root, root / "x", root / "y"])
+    with TestClient(app) as client:
+        rows = client.get("/v1/adapters").json()["data"]
+    assert sorted(r["name"] for r in rows) == ["x/a", "x/b", "y/a", "y/b"]
+    names = [r["suggested_name"] for r in rows]
+    assert len(set(names)) == 4 and "x-a" in names  # the loaded one keeps its name
+    assert [r["loaded_as"] for r in rows if r["loaded"]] == ["x-a"]
+
+
 def _chromium() -> str | None:
     return next(
         (p for n in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(n))),

@@ -31,6 +31,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise LorakitError(f"could not write {path}: {e.strerror or e}; {fix_for(e)}") from None
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would hide it from other users
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data on disk before the name points at it
         os.replace(tmp, path)
@@ -48,6 +49,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read once, at import: setting it is not thread-safe)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
 
 
 def sync_dir(folder: Path) -> None:

@@ -15,15 +15,21 @@ from lorakit.models.gguf_export import (
     export_adapter,
     export_merged,
 )
-from lorakit.models.loading import DEFAULT_MODEL, ModelSource, load_config, resolve_model
+from lorakit.models.loading import (
+    DEFAULT_MODEL,
+    DEFAULT_NAME,
+    ModelSource,
+    load_config,
+    resolve_model,
+)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise LorakitError(f"{out} exists; add --overwrite to replace it, or choose another --out")
     if out.is_dir():
         raise LorakitError(f"--out {out} is a directory; give a file name such as {out}/x.gguf")
+    if out.exists() and not args.overwrite:
+        raise LorakitError(f"{out} exists; add --overwrite to replace it, or choose another --out")
     config, _ = read_adapter(args.adapter)
     source = _base(args.model, config.base_model)
     if config.init == "loftq":
@@ -59,9 +65,8 @@ def _base(model: str | None, recorded: str | None) -> ModelSource:
     """The base: --model, else the one the adapter records (the embedded default by name)."""
     if model is not None:
         return resolve_model(model, weights=False)
-    default = resolve_model(DEFAULT_MODEL)
-    if recorded in (None, default.name):
-        return default
+    if recorded in (None, DEFAULT_NAME):
+        return resolve_model(DEFAULT_MODEL)
     try:
         return resolve_model(recorded, weights=False)
     except LorakitError:

@@ -11,13 +11,23 @@ from lorakit.errors import LorakitError
 from lorakit.lora.peft_format import CONFIG_NAME, WEIGHTS_NAME, AdapterConfig
 
 
-def adapter_library(folder: str | os.PathLike, base: str | None = None) -> list[dict]:
-    """Every adapter directory under `folder`: name, base, rank, targets, size, training metrics."""
+def adapter_library(
+    folder: str | os.PathLike, base: str | None = None, depth: int | None = None
+) -> list[dict]:
+    """Every adapter directory under `folder` (at most `depth` folders down, hidden ones
+    skipped, when given): name, base, rank, targets, size, training metrics."""
     folder = Path(folder)
     if not folder.is_dir():
         raise LorakitError(f"{folder} is not a directory")
+    if depth is None:
+        found = folder.rglob(CONFIG_NAME)
+    else:
+        found = [f for d in range(depth + 1) for f in folder.glob("*/" * d + CONFIG_NAME)]
+        found = [
+            f for f in found if not any(p.startswith(".") for p in f.relative_to(folder).parts)
+        ]
     rows = []
-    for config_file in sorted(folder.rglob(CONFIG_NAME)):
+    for config_file in sorted(found):
         path = config_file.parent
         try:
             config = AdapterConfig.from_peft(json.loads(config_file.read_text()), str(config_file))

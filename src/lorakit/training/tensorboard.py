@@ -19,9 +19,9 @@ MISSING = "--report-to tensorboard needs the tensorboard package: pip install te
 def check_available() -> None:
     """Refuse `--report-to tensorboard` before the run starts when the package is missing."""
     try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        raise LorakitError(MISSING) from None
+        import torch.utils.tensorboard  # noqa: F401 (imports tensorboard and its protobuf)
+    except ImportError as e:
+        raise LorakitError(f"{MISSING} ({e})") from None
 
 
 class TensorBoard:

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -362,7 +362,7 @@ def train(
         atomic_write_text(out / "train_config.json", to_json(cfg))
     kept = Metrics if world.main else SilentMetrics  # (rank 0 alone keeps them)
     metrics = kept(out / "metrics.jsonl", resume_lines, cfg.report_to, start)
-    with training_setup(model, cfg, device, dtype, micro):
+    with training_setup(model, cfg, device, dtype, micro), closing(metrics):
         packed = keeps_examples_apart(model, device, dtype)
         if not packed and world.main:
             print(
