@@ -179,6 +179,7 @@ def adapter_terms(
     names = gguf.get_tensor_name_map(_arch_enum(arch), layers)
     heads = base_config.num_attention_heads
     kv_heads = getattr(base_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(base_config, "head_dim", None) or base_config.hidden_size // heads
     tied = bool(getattr(base_config, "tie_word_embeddings", False))
     terms = {}
     for module, pair in modules.items():
@@ -191,10 +192,16 @@ def adapter_terms(
             )
         a, b = pair["A"].float(), pair["B"].float()
         rank = a.shape[0]
-        if reorders and name.endswith(".attn_q"):
-            b = _rotary_rows(b, heads)
-        elif reorders and name.endswith(".attn_k"):
-            b = _rotary_rows(b, kv_heads)
+        for suffix, count in ((".attn_q", heads), (".attn_k", kv_heads)):
+            if name.endswith(suffix):
+                if b.shape[0] != count * head_dim or a.shape[1] != base_config.hidden_size:
+                    raise LorakitError(
+                        f"{where}: its {module} is {b.shape[0]} x {a.shape[1]}, not "
+                        f"{count * head_dim} x {base_config.hidden_size}: the adapter is for "
+                        "another base"
+                    )
+                if reorders:
+                    b = _rotary_rows(b, count)
         terms[name + ".weight"] = (a.contiguous(), b.contiguous(), _scaling(config, module, rank))
     return arch, config, terms
 
