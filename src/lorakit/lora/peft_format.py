@@ -235,7 +235,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[AdapterConfig, dict[str, torc
     try:
         # from bytes, not memory-mapped: a server reading adapters back over and over grew by
         # ~15 KB a read with `load_file` (bench/serve_soak.py); adapters are megabytes
-        weights = load(weights_file.read_bytes())
+        weights = dict(sorted(load(weights_file.read_bytes()).items()))  # in load_file's order
     except (SafetensorError, OSError, ValueError) as e:
         raise LorakitError(f"{weights_file} is corrupt or unreadable ({e}); re-save it") from None
     for key, tensor in weights.items():
