@@ -25,9 +25,10 @@ def _adapter(model, path, rank=8, alpha=16.0, use_rslora=False, alpha_pattern=No
     modules = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
     attach_lora(model, modules, "x", rank=rank, alpha=alpha, use_rslora=use_rslora)
     gen = torch.Generator().manual_seed(seed)
-    for _, layer in lora_layers(model):
-        w = layer.lora_B["x"].weight
-        w.data.copy_(torch.randn(w.shape, generator=gen) * 0.05)
+    for _, layer in lora_layers(model):  # A drawn as PEFT's init draws it, but from `gen`
+        a, b = layer.lora_A["x"].weight, layer.lora_B["x"].weight
+        a.data.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) / a.shape[1] ** 0.5)
+        b.data.copy_(torch.randn(b.shape, generator=gen) * 0.05)
     config = AdapterConfig(
         rank=rank,
         alpha=alpha,
