@@ -4,15 +4,15 @@ own process, with the same settings.
     python bench/plan_vs_train.py [MODEL ...] [--seq-len 512] [--batch-size 1] [--steps 2]
         [--memory 6GB] [--limit 6GB] [--eval-data FILE]
 
-For each model: `lorakit plan --json` (predicted peak, tokens/s), then `lorakit train` for a few
-steps on the embedded data; its peak resident memory is its ru_maxrss, with the peaks of
+For each model: `lorakit plan --json` (predicted peak, seconds a step), then `lorakit train`
+for a few steps on the embedded data; its peak resident memory is its ru_maxrss, with the peaks of
 its anonymous and file-backed parts (a 4-bit checkpoint's codes are memory-mapped: file pages
 the kernel drops again under memory pressure) and the bytes it read from disk. `--memory`
 goes to both (train's auto settings follow it); `--eval-data` (a file of one example, say)
 keeps a big model's start and end evaluation short. `--limit` runs train in a memory cgroup of
 that size (Linux cgroup v1, as root): a machine that small, page cache included, so memory-mapped
 4-bit weights that do not fit are read from disk again. Prints a Markdown table for
-BENCHMARKS.md, with the settings and the step's seconds.
+BENCHMARKS.md, with the settings and the last step's seconds (the first carries the warm-up).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -97,11 +96,12 @@ def run_train(model: str, flags: list[str], steps: int, limit: int | None = None
                 got["limit_hits"] = int((group / "memory.failcnt").read_text())
             log.seek(0)
             text = log.read()
-    if os.waitstatus_to_exitcode(ended[1]) != 0 or "done:" not in text:
-        raise SystemExit(f"lorakit train failed:\n{text[-2000:]}")
-    done = re.search(r"done: (\d+) steps, (\d+)s, .*?([0-9.]+) tok/s", text)
-    got["speed"] = float(done.group(3)) if done else None
-    got["step_s"] = int(done.group(2)) / int(done.group(1)) if done else float("nan")
+        if os.waitstatus_to_exitcode(ended[1]) != 0 or "done:" not in text:
+            raise SystemExit(f"lorakit train failed:\n{text[-2000:]}")
+        # the last step's own time (the first carries the warm-up), from the run's metrics
+        rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+        times = [r["elapsed_s"] for r in rows if "elapsed_s" in r]
+    got["step_s"] = times[-1] - times[-2] if len(times) > 1 else times[-1]
     got["streamed"] = "read from disk" in text
     return got
 
@@ -123,8 +123,8 @@ def main() -> None:
     extra = ["--eval-data", args.eval_data, "--samples", "0"] if args.eval_data else []
     print(
         "| model | settings | predicted peak | measured peak RSS | predicted / measured "
-        "| predicted tok/s | measured tok/s | s a step | peak anonymous / file-backed "
-        "| read from disk |"
+        "| predicted s a step | measured s a step (the last) | predicted / measured "
+        "| peak anonymous / file-backed | read from disk |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models:
@@ -138,9 +138,9 @@ def main() -> None:
         )
         limit = parse_size(args.limit) if args.limit else None
         got = run_train(model, [*flags, *extra, "--device", "cpu"], args.steps, limit)
-        peak, speed = got["peak"], got["speed"]
+        peak = got["peak"]
         predicted = plan["peak_memory_bytes"]
-        guess = plan["speed"]["tokens_per_s"] if plan["speed"] else float("nan")
+        guess = plan["speed"]["seconds_per_step"] if plan["speed"] else float("nan")
         s = plan["settings"]
         on = {True: "on", False: "off"}
         settings = (
@@ -155,8 +155,9 @@ def main() -> None:
             )
         print(
             f"| {model} | {settings} | {predicted / 2**30:.2f} GiB | {peak / 2**30:.2f} GiB | "
-            f"{predicted / peak:.2f} | {guess:.1f} | {speed if speed is not None else '?'} "
-            f"| {got['step_s']:.0f} | {got['anon'] / 2**30:.2f} / {got['file'] / 2**30:.2f} GiB "
+            f"{predicted / peak:.2f} | {guess:.1f} | {got['step_s']:.1f} | "
+            f"{guess / got['step_s']:.2f} | {got['anon'] / 2**30:.2f} / "
+            f"{got['file'] / 2**30:.2f} GiB "
             f"| {got['read'] / 2**30:.1f} GiB |",
             flush=True,
         )

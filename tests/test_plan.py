@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 
 from lorakit.cli import main
+from lorakit.lora.targets import TESTED_ARCHITECTURES
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig
 
@@ -75,12 +76,55 @@ def test_plan_turns_checkpointing_on_as_memory_shrinks_and_says_when_nothing_fit
     assert "It does not fit" in capsys.readouterr().out
 
 
-def test_plan_measures_this_machine_for_the_speed(config_only, capsys):
+def test_plan_times_a_layer_of_the_model_here_for_the_speed(config_only, capsys):
     plan = _plan(capsys, str(config_only), "--seq-len", "64", "--device", "cpu")
-    speed = plan["speed"]
-    assert speed["matmul_flops_per_s"] > 0 and speed["tokens_per_s"] > 0
-    tokens = plan["settings"]["batch_size"] * plan["settings"]["seq_len"]
+    speed, settings = plan["speed"], plan["settings"]
+    assert speed["layers"] == tiny_model("llama").config.num_hidden_layers
+    assert speed["layer_seconds"] > 0 and speed["head_seconds"] > 0
+    tokens = settings["batch_size"] * settings["seq_len"]
     assert speed["seconds_per_step"] == pytest.approx(tokens / speed["tokens_per_s"])
+    assert speed["seconds_per_step"] > speed["layers"] * speed["layer_seconds"]
+    capsys.readouterr()
+    assert main(["plan", str(config_only), "--seq-len", "64", "--device", "cpu"]) == 0
+    assert "one decoder layer of this model's shapes" in capsys.readouterr().out
+    assert _plan(capsys, str(config_only), *FLAGS)["speed"] is None  # --no-calibrate
+
+
+@pytest.mark.parametrize("kind", TESTED_ARCHITECTURES)
+def test_the_timed_layer_is_one_layer_of_the_model_in_nf4_and_trains(kind):
+    """What `plan` times: the architecture cut to one decoder layer and a small vocabulary, its
+    linear layers (and experts) in NF4 as `load_model` stores them, the adapter attached; a
+    training pass reaches every adapter weight. The model's own config is left as it was."""
+    from test_architectures import _config
+
+    from lorakit.quant.experts import NF4Experts
+    from lorakit.quant.linear import NF4Linear
+    from lorakit.training.layer_timing import VOCAB, layer_seconds, random_layer_model
+    from lorakit.training.loss import causal_lm_loss
+    from lorakit.training.trainer import attach_adapter
+
+    config = _config(kind, 1000)
+    before = config.to_dict()
+    cpu = torch.device("cpu")
+    model = random_layer_model(config, cpu, torch.float32)
+    assert config.to_dict() == before
+    cut = model.config.get_text_config()
+    assert cut.num_hidden_layers == 1 and cut.vocab_size == VOCAB
+    assert model.get_input_embeddings().weight.shape[0] == VOCAB
+    assert not any(p.is_meta for p in model.parameters())
+    quantized = [m for m in model.modules() if isinstance(m, (NF4Linear, NF4Experts))]
+    assert quantized and not any(p.requires_grad for p in model.parameters())
+
+    attach_adapter(model, TrainConfig(targets="all-linear"))
+    ids = torch.randint(VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, _ = causal_lm_loss(model.train(), {"input_ids": ids, "labels": ids})
+    loss.backward()
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in b)
+
+    cfg = TrainConfig(seq_len=16, batch_size=2)
+    for checkpointing, cache in [(True, False), (False, True)]:
+        assert layer_seconds(config, cfg, cpu, torch.float32, 2, checkpointing, cache) > 0
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from lorakit.errors import LorakitError
 from lorakit.models.loading import context_length, empty_model, load_config, resolve_model
@@ -29,6 +30,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
             f"use --seq-len {limit} or less"
         )
     dtype = default_dtype(device)
+    if not args.no_calibrate:
+        print("timing one decoder layer of this model's shapes here...", file=sys.stderr)
     plan = make_plan(model, cfg, device, dtype, budget, calibrate=not args.no_calibrate)
     plan["model"] = source.name
     if args.json:
@@ -52,6 +55,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quant", choices=["nf4", "none"], help="base in NF4 (default) or 16-bit")
     p.add_argument("--grad-checkpointing", dest="grad_checkpointing", choices=["auto", "on", "off"])
     p.add_argument("--cache-weights", dest="cache_weights", choices=["auto", "on", "off"])
-    p.add_argument("--no-calibrate", action="store_true", help="skip the short matmul measurement")
+    p.add_argument(
+        "--no-calibrate", action="store_true", help="skip timing one layer here (no speed estimate)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)

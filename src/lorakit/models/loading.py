@@ -226,14 +226,16 @@ def _iter_gguf(source: ModelSource, model: nn.Module) -> Iterator:
             yield parsed["tensors"].popitem()
 
 
-def _put_tensor(
+def put_weight(
     model: nn.Module,
     name: str,
     tensor: torch.Tensor | NF4State,
     dtype: torch.dtype,
     quantize: set[str],
-    blocksize: int,
+    blocksize: int = 64,
 ) -> None:
+    """`tensor` (a checkpoint's `name`) into `model`, on meta until now: as an NF4 layer where
+    the module is in `quantize`, else stored in `dtype`."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name)
     if isinstance(tensor, NF4State):  # stored in 4 bits already: kept as it is, or dequantized
@@ -282,7 +284,7 @@ def _prequantized(
     return weight.T if conv1d else weight
 
 
-def _eager_experts(model: nn.Module) -> None:
+def eager_experts(model: nn.Module) -> None:
     """NF4Experts serve the eager experts forward (one expert's slice at a time), not the
     grouped matmuls over the whole 3-D parameter."""
     if any(isinstance(m, NF4Experts) for m in model.modules()):
@@ -351,9 +353,9 @@ def load_model(
         before_weights(model)
     quantize = quantizable_modules(model) if quant == "nf4" else set()
     for name, tensor in read_tensors(source, model):
-        _put_tensor(model, name, tensor.to(device), dtype, quantize, blocksize)
+        put_weight(model, name, tensor.to(device), dtype, quantize, blocksize)
     model.tie_weights()
-    _eager_experts(model)
+    eager_experts(model)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise LorakitError(

@@ -4,15 +4,15 @@ Memory is `training.memory`'s estimate, the very numbers `lorakit train` decides
 (micro-batch, gradient checkpointing, weight cache), plus what the process holds before any
 weight (Python, torch, transformers: measured in this process on a CPU). The same estimate is
 shown for LoRA over a 16-bit base and for a full fine-tune (16-bit weights and gradients, fp32
-AdamW moments and master weights: 16 bytes a parameter). Time is the step's matmul work
-(forward 2 FLOPs a weight a token, the input gradients 2 more, a recomputed forward under
-checkpointing 2 more, the adapter's own) at the matmul rate measured here on the model's shapes,
-at the share of it lorakit's training reaches on CPUs (bench/mfu.py): a stated estimate, not a
-promise.
+AdamW moments and master weights: 16 bytes a parameter). Time is one decoder layer of the
+model's shapes, with random weights, trained for one pass here as `lorakit train` would
+(training.layer_timing), times the layers, plus the output head at the matmul rate measured
+here: a stated estimate, not a promise. The step's matmul FLOPs a token are reported beside it.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -22,11 +22,9 @@ from lorakit.errors import LorakitError
 from lorakit.lora.targets import experts_weights, linear_modules, lora_param_count, resolve_targets
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig
+from lorakit.training.layer_timing import layer_seconds
 from lorakit.training.trainer import micro_batch_size
 
-# lorakit's model matmuls against this CPU's matmul peak in training (BENCHMARKS.md, MFU: 80%
-# fp32 on the 2-core AVX2 machine, 56% bf16 on a 16-core AMX one); the lower is used.
-MFU = 0.56
 FULL_BYTES = 16  # a fully trained parameter: 16-bit weight and gradient, fp32 master + AdamW
 
 
@@ -81,23 +79,15 @@ def make_plan(
     size = torch.empty(0, dtype=dtype).element_size()
     full = total * FULL_BYTES + est.checkpointed + est.loss + runtime
 
-    text = model.config.get_text_config()
     weights = sum(m.weight.numel() for m in linear_modules(model).values())
     weights += sum(e * o * i for e, o, i in experts_weights(model).values())
     selected, _ = resolve_targets(model, cfg.targets)
     adapter = lora_param_count(model, selected, cfg.rank)
     passes = 3 if checkpointing else 2  # forward, input gradients (+ the recomputed forward)
     per_token = 2 * weights * passes + 6 * adapter
-    tokens = cfg.batch_size * cfg.seq_len
     speed = None
-    if calibrate:
-        rate = matmul_rate(min(micro * cfg.seq_len, 2048), text.hidden_size, dtype, device)
-        tokens_per_s = rate * MFU / per_token
-        speed = {
-            "matmul_flops_per_s": rate,
-            "tokens_per_s": tokens_per_s,
-            "seconds_per_step": tokens / tokens_per_s,
-        }
+    if calibrate and fits:
+        speed = step_time(model, cfg, device, dtype, micro, checkpointing, cache)
     return {
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
@@ -133,6 +123,35 @@ def make_plan(
         "parameters": {"model": total, "adapter": adapter, "bytes_per_value": size},
         "flops_per_token": per_token,
         "speed": speed,
+    }
+
+
+def step_time(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    micro: int,
+    checkpointing: bool,
+    cache: bool,
+) -> dict:
+    """A step's seconds: one decoder layer timed here (training.layer_timing) times the layers,
+    plus the output head and loss at the matmul rate measured here (its logits are computed
+    twice, forward and again in backward, and give the hidden states' gradient), per pass."""
+    text = model.config.get_text_config()
+    layer = layer_seconds(model.config, cfg, device, dtype, micro, checkpointing, cache)
+    tokens = micro * cfg.seq_len
+    rate = matmul_rate(min(tokens, 2048), text.hidden_size, dtype, device)
+    head = 3 * 2 * text.hidden_size * text.vocab_size * tokens / rate
+    passes = math.ceil(cfg.batch_size / micro)
+    seconds = passes * (text.num_hidden_layers * layer + head)
+    return {
+        "layer_seconds": layer,
+        "layers": text.num_hidden_layers,
+        "head_seconds": head,
+        "matmul_flops_per_s": rate,
+        "seconds_per_step": seconds,
+        "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
     }
 
 
@@ -181,8 +200,9 @@ def format_plan(plan: dict, title: str) -> str:
     if speed:
         out.append(
             f"Expected speed: about {speed['tokens_per_s']:.0f} tokens/s, "
-            f"{speed['seconds_per_step']:.1f} s a step ({plan['flops_per_token'] / 1e9:.2f} "
-            f"GFLOP a token at {MFU:.0%} of the {speed['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s "
-            "measured here; an estimate)."
+            f"{speed['seconds_per_step']:.1f} s a step: one decoder layer of this model's shapes "
+            f"(random weights) took {speed['layer_seconds']:.2f} s a pass here, x "
+            f"{speed['layers']} layers, + {speed['head_seconds']:.2f} s for the output head "
+            "(an estimate)."
         )
     return "\n".join(out)

@@ -1,0 +1,109 @@
+"""How long a decoder layer of a model takes to train here, timed on one random layer.
+
+`lorakit plan` predicts a step's time before any weight is read. Counting matmul FLOPs at the
+machine's matmul rate leaves out everything else a QLoRA step does (dequantizing the NF4
+weights, attention, norms, the recomputed forward under checkpointing, the adapter's small
+matmuls), and on a 13B it predicted a step 7x faster than the run. So the plan builds the model's
+architecture with one decoder layer and a small vocabulary, fills it with random weights of the
+real shapes (NF4 as `load_model` stores them), attaches the adapter, and times one training pass
+as `lorakit train` runs it (its patches, checkpointing and weight cache as the plan chose).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from lorakit.models.loading import eager_experts, empty_model, put_weight, quantizable_modules
+from lorakit.models.precision import autocast
+from lorakit.training.config import TrainConfig
+from lorakit.training.loss import causal_lm_loss
+
+VOCAB = 256  # the cut model's vocabulary: its embedding and head cost next to nothing
+
+
+def one_layer_config(config):  # noqa: ANN001, ANN201 (a transformers config)
+    """A copy of `config` with one decoder layer (per-layer settings cut to the first; a MoE's
+    leading dense layers dropped, so the layer is the kind most of the model has) and VOCAB
+    tokens."""
+    config = copy.deepcopy(config)
+    text = config.get_text_config()
+    layers = text.num_hidden_layers
+    for key, value in list(vars(text).items()):
+        if isinstance(value, list) and len(value) == layers:  # layer_types and the like
+            setattr(text, key, value[:1])
+    text.num_hidden_layers = 1
+    if getattr(text, "first_k_dense_replace", 0):
+        text.first_k_dense_replace = 0
+    text.vocab_size = VOCAB
+    text.pad_token_id = None  # an id past VOCAB would be refused as the embedding's padding
+    return config
+
+
+def random_layer_model(
+    config, device: torch.device, dtype: torch.dtype, quant: str = "nf4"
+) -> nn.Module:  # noqa: ANN001
+    """`one_layer_config(config)`'s model with random weights, its linear layers in NF4 when
+    `quant` is nf4, frozen, on `device`: what `load_model` would give for such a checkpoint."""
+    model = empty_model(one_layer_config(config))
+    quantize = quantizable_modules(model) if quant == "nf4" else set()
+    gen = torch.Generator(device).manual_seed(0)
+    for name, p in list(model.named_parameters()):
+        if p.dim() == 1:  # norms at 1, biases at 0
+            t = torch.ones(p.shape, device=device) if name.endswith("weight") else None
+            t = t if t is not None else torch.zeros(p.shape, device=device)
+        else:
+            t = torch.randn(p.shape, generator=gen, device=device, dtype=dtype) * 0.02
+        put_weight(model, name, t, dtype, quantize)
+        del t
+    model.tie_weights()
+    eager_experts(model)
+    model.to(device)
+    return model.requires_grad_(False)
+
+
+def layer_seconds(
+    config,  # noqa: ANN001
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    micro: int,
+    checkpointing: bool,
+    cache: bool,
+) -> float:
+    """Seconds one training pass (forward and backward, `micro` sequences of cfg.seq_len tokens)
+    spends in one decoder layer of `config`'s model here, best of the timed passes."""
+    from lorakit.training.trainer import attach_adapter, training_setup
+
+    model = random_layer_model(config, device, dtype, cfg.quant)
+    run = replace(
+        cfg,
+        init="default",
+        grad_checkpointing="on" if checkpointing else "off",
+        cache_weights="on" if cache else "off",
+        memory=None,
+    )
+    attach_adapter(model, run)
+    model.train()
+
+    def one_pass(tokens: int) -> float:
+        ids = torch.randint(VOCAB, (micro, tokens), device=device)
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        sync()
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            loss, _ = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, cfg.loss_chunk)
+        loss.backward()
+        sync()
+        return time.perf_counter() - start
+
+    with training_setup(model, run, device, dtype, micro):
+        one_pass(min(cfg.seq_len, 32))  # kernels built and loaded, the cache filled
+        best = one_pass(cfg.seq_len)
+        if best < 1.0:  # short enough to take the best of three
+            best = min(best, one_pass(cfg.seq_len), one_pass(cfg.seq_len))
+    return best
