@@ -2,7 +2,7 @@
 own process, with the same settings.
 
     python bench/plan_vs_train.py [MODEL ...] [--seq-len 512] [--batch-size 1] [--steps 2]
-        [--memory 6GB] [--limit 6GB] [--eval-data FILE]
+        [--memory 6GB] [--limit 6GB] [--eval-data FILE] [--targets SPEC]
 
 For each model: `lorakit plan --json` (predicted peak, seconds a step), then `lorakit train`
 for a few steps on the embedded data; its peak resident memory is its ru_maxrss, with the peaks of
@@ -117,9 +117,11 @@ def main() -> None:
         "--limit", help="run train in a memory cgroup this big (e.g. 6GB; cgroup v1, as root)"
     )
     p.add_argument("--eval-data", help="train's held-out file (default: its own split)")
+    p.add_argument("--targets", help="the adapted modules, for plan and train (default: theirs)")
     args = p.parse_args()
     flags = ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size)]
     flags += ["--memory", args.memory] if args.memory else []
+    flags += ["--targets", args.targets] if args.targets else []
     extra = ["--eval-data", args.eval_data, "--samples", "0"] if args.eval_data else []
     print(
         "| model | settings | predicted peak | measured peak RSS | predicted / measured "

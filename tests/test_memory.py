@@ -43,15 +43,9 @@ def test_activations_grow_with_the_micro_batch_and_checkpointing_keeps_a_sliver(
     assert half.activations == one.activations // 2
 
 
-def test_activation_estimate_is_near_what_autograd_keeps():
-    """Bytes of the tensors autograd saves for backward in one fp32 training pass of a LLaMA
-    with a typical shape ratio (MLP 2.7x hidden), against the estimate: within a factor 2."""
-    model = tiny_model("llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2)
-    model.train()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    cfg = TrainConfig(seq_len=128, targets="default", rank=4)
-    est = memory.estimate(model, cfg, torch.float32, micro=1)
+def _autograd_keeps(model, cfg) -> int:
+    """Bytes of the tensors autograd saves for backward in one training pass of `model` with
+    cfg's adapter attached (the weights left out)."""
     attach_adapter(model, cfg)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -66,9 +60,38 @@ def test_activation_estimate_is_near_what_autograd_keeps():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         hidden = model.model(ids).last_hidden_state
     hidden.sum().backward()
-    kept = sum(saved.values())
+    return sum(saved.values())
+
+
+def _typical_llama(layers: int = 2):
+    """A LLaMA with a typical shape ratio (MLP 2.7x hidden), frozen, in training mode."""
+    model = tiny_model("llama", hidden_size=128, intermediate_size=344, num_hidden_layers=layers)
+    return model.train().requires_grad_(False)
+
+
+def test_activation_estimate_is_near_what_autograd_keeps():
+    """Bytes of the tensors autograd saves for backward in one fp32 training pass, against the
+    estimate: within a factor 2."""
+    model = _typical_llama()
+    cfg = TrainConfig(seq_len=128, targets="default", rank=4)
+    est = memory.estimate(model, cfg, torch.float32, micro=1)
+    kept = _autograd_keeps(model, cfg)
     print(f"autograd kept {kept / MiB:.2f} MiB, estimate {est.activations / MiB:.2f} MiB")
     assert est.activations / 2 < kept < est.activations * 2
+
+
+def test_layers_below_every_adapter_keep_nothing_and_are_not_counted():
+    """Adapters on the top layer of four: backward stops there, autograd keeps about a quarter
+    of what it keeps with adapters everywhere, and the estimate counts one layer in four."""
+    cfg = TrainConfig(seq_len=128, targets="default", rank=4)
+    top = TrainConfig(seq_len=128, targets=r"re:.*layers\.3\.self_attn\.(q|v)_proj", rank=4)
+    every, last = _typical_llama(4), _typical_llama(4)
+    est_every = memory.estimate(every, cfg, torch.float32, micro=1)
+    est_last = memory.estimate(last, top, torch.float32, micro=1)
+    assert est_last.activations == est_every.activations // 4
+    assert est_last.checkpointed < est_every.checkpointed
+    ratio = _autograd_keeps(last, top) / _autograd_keeps(every, cfg)
+    assert 0.15 < ratio < 0.35, ratio
 
 
 def _est(**parts):

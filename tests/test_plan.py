@@ -88,6 +88,11 @@ def test_plan_times_a_layer_of_the_model_here_for_the_speed(config_only, capsys)
     assert main(["plan", str(config_only), "--seq-len", "64", "--device", "cpu"]) == 0
     assert "one decoder layer of this model's shapes" in capsys.readouterr().out
     assert _plan(capsys, str(config_only), *FLAGS)["speed"] is None  # --no-calibrate
+    assert speed["forward_only_layers"] == 0
+    # Adapters on the last layer only: backward never reaches the layers below it.
+    last = _plan(capsys, str(config_only), "--seq-len", "64", "--targets", r"re:.*layers\.1\..*")
+    assert last["speed"]["forward_only_layers"] == 1
+    assert last["speed"]["forward_only_layer_seconds"] > 0
 
 
 @pytest.mark.parametrize("kind", TESTED_ARCHITECTURES)
@@ -97,9 +102,10 @@ def test_the_timed_layer_is_one_layer_of_the_model_in_nf4_and_trains(kind):
     training pass reaches every adapter weight. The model's own config is left as it was."""
     from test_architectures import _config
 
+    from lorakit.models.loading import empty_model
     from lorakit.quant.experts import NF4Experts
     from lorakit.quant.linear import NF4Linear
-    from lorakit.training.layer_timing import VOCAB, layer_seconds, random_layer_model
+    from lorakit.training.layer_timing import VOCAB, layer_time, random_layer_model
     from lorakit.training.loss import causal_lm_loss
     from lorakit.training.trainer import attach_adapter
 
@@ -124,7 +130,8 @@ def test_the_timed_layer_is_one_layer_of_the_model_in_nf4_and_trains(kind):
 
     cfg = TrainConfig(seq_len=16, batch_size=2)
     for checkpointing, cache in [(True, False), (False, True)]:
-        assert layer_seconds(config, cfg, cpu, torch.float32, 2, checkpointing, cache) > 0
+        timed = layer_time(empty_model(config), cfg, cpu, torch.float32, 2, checkpointing, cache)
+        assert timed.trained > 0 and timed.trained_layers == config.num_hidden_layers
 
 
 @pytest.mark.parametrize(

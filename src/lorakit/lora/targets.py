@@ -309,3 +309,21 @@ def pattern_value(patterns: dict, module_name: str) -> object | None:
         if re.match(rf"(.*\.)?({pattern})$", module_name):
             return value
     return None
+
+
+def layer_stack(model: nn.Module) -> str | None:
+    """The name of the model's stack of decoder layers (`model.layers`, `transformer.h`...),
+    None if it has no list of that many modules."""
+    n = model.config.get_text_config().num_hidden_layers
+    names = [k for k, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    return min(names, key=len) if names else None
+
+
+def lowest_adapted_layer(model: nn.Module, selected: list[str]) -> int:
+    """The index of the lowest decoder layer holding one of the `selected` modules (0 if one is
+    outside the stack): backward never reaches the layers below it, so they keep nothing."""
+    stack = (layer_stack(model) or "\0") + "."
+    inside = [n[len(stack) :].partition(".")[0] for n in selected if n.startswith(stack)]
+    if len(inside) < len(selected) or not inside:
+        return 0
+    return min(int(i) for i in inside)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
+from lorakit.lora.targets import layer_stack, lowest_adapted_layer, resolve_targets
 from lorakit.models.loading import eager_experts, empty_model, put_weight, quantizable_modules
 from lorakit.models.precision import autocast
 from lorakit.training.config import TrainConfig
@@ -66,44 +67,76 @@ def random_layer_model(
     return model.requires_grad_(False)
 
 
-def layer_seconds(
-    config,  # noqa: ANN001
+@dataclass(frozen=True)
+class LayerTime:
+    """A training pass's seconds in one decoder layer, and how many layers need its backward."""
+
+    trained: float  # forward and backward: a layer at or above the lowest adapted one
+    forward: float  # forward only: a layer below every adapter, which backward never reaches
+    trained_layers: int  # the layers from the lowest adapted one up
+
+
+def _in_first_layer(names: list[str], stack: str | None) -> list[str]:
+    """The adapted modules' names moved to layer 0 of `stack` (the others as they are)."""
+    moved = set()
+    for name in names:
+        if stack is not None and name.startswith(stack + "."):
+            _, _, rest = name[len(stack) + 1 :].partition(".")
+            name = f"{stack}.0.{rest}"
+        moved.add(name)
+    return sorted(moved)
+
+
+def layer_time(
+    model: nn.Module,
     cfg: TrainConfig,
     device: torch.device,
     dtype: torch.dtype,
     micro: int,
     checkpointing: bool,
     cache: bool,
-) -> float:
-    """Seconds one training pass (forward and backward, `micro` sequences of cfg.seq_len tokens)
-    spends in one decoder layer of `config`'s model here, best of the timed passes."""
+) -> LayerTime:
+    """One decoder layer of `model` (on meta: its config is what counts) trained here for a pass
+    of `micro` sequences of cfg.seq_len tokens, with the adapter cfg.targets puts on that
+    layer; best of the timed passes."""
     from lorakit.training.trainer import attach_adapter, training_setup
 
-    model = random_layer_model(config, device, dtype, cfg.quant)
+    selected, _ = resolve_targets(model, cfg.targets)
+    targets = _in_first_layer(selected, layer_stack(model))
+    lowest = lowest_adapted_layer(model, selected)
+    cut = random_layer_model(model.config, device, dtype, cfg.quant)
     run = replace(
         cfg,
         init="default",
+        targets=",".join(targets),
         grad_checkpointing="on" if checkpointing else "off",
         cache_weights="on" if cache else "off",
         memory=None,
     )
-    attach_adapter(model, run)
-    model.train()
+    attach_adapter(cut, run)
+    cut.train()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
-    def one_pass(tokens: int) -> float:
+    def one_pass(tokens: int, backward: bool = True) -> float:
         ids = torch.randint(VOCAB, (micro, tokens), device=device)
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         sync()
         start = time.perf_counter()
-        with autocast(device, dtype):
-            loss, _ = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, cfg.loss_chunk)
-        loss.backward()
+        with torch.set_grad_enabled(backward), autocast(device, dtype):
+            loss, _ = causal_lm_loss(cut, {"input_ids": ids, "labels": ids}, cfg.loss_chunk)
+        if backward:
+            loss.backward()
         sync()
         return time.perf_counter() - start
 
-    with training_setup(model, run, device, dtype, micro):
+    with training_setup(cut, run, device, dtype, micro):
         one_pass(min(cfg.seq_len, 32))  # kernels built and loaded, the cache filled
-        best = one_pass(cfg.seq_len)
-        if best < 1.0:  # short enough to take the best of three
-            best = min(best, one_pass(cfg.seq_len), one_pass(cfg.seq_len))
-    return best
+        trained = one_pass(cfg.seq_len)
+        if trained < 1.0:  # short enough to take the best of three
+            trained = min(trained, one_pass(cfg.seq_len), one_pass(cfg.seq_len))
+        forward = 0.0
+        if lowest:
+            forward = one_pass(cfg.seq_len, backward=False)
+            if forward < 1.0:
+                forward = min(forward, *(one_pass(cfg.seq_len, backward=False) for _ in range(2)))
+    layers = model.config.get_text_config().num_hidden_layers
+    return LayerTime(trained, forward, layers - lowest)

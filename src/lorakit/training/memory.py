@@ -17,6 +17,7 @@ from lorakit.lora.targets import (
     experts_weights,
     linear_modules,
     lora_param_count,
+    lowest_adapted_layer,
     resolve_targets,
 )
 from lorakit.models.precision import default_dtype
@@ -76,7 +77,9 @@ def estimate(
     base = stored + (total - four_bit) * size
     selected, _ = resolve_targets(model, cfg.targets)
     text = model.config.get_text_config()
-    hidden, layers = text.hidden_size, text.num_hidden_layers
+    hidden = text.hidden_size
+    # only the layers from the lowest adapted one up keep anything for backward
+    layers = text.num_hidden_layers - lowest_adapted_layer(model, selected)
     per_layer = tokens * hidden * ACTIVATION_BYTES * size // 2
     return MemoryEstimate(
         base=base,

@@ -22,7 +22,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora.targets import experts_weights, linear_modules, lora_param_count, resolve_targets
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig
-from lorakit.training.layer_timing import layer_seconds
+from lorakit.training.layer_timing import layer_time
 from lorakit.training.trainer import micro_batch_size
 
 FULL_BYTES = 16  # a fully trained parameter: 16-bit weight and gradient, fp32 master + AdamW
@@ -135,19 +135,23 @@ def step_time(
     checkpointing: bool,
     cache: bool,
 ) -> dict:
-    """A step's seconds: one decoder layer timed here (training.layer_timing) times the layers,
-    plus the output head and loss at the matmul rate measured here (its logits are computed
-    twice, forward and again in backward, and give the hidden states' gradient), per pass."""
+    """A step's seconds: one decoder layer timed here (training.layer_timing) times the layers
+    (forward only below the lowest adapted layer), plus the output head and loss at the matmul
+    rate measured here (its logits are computed twice, forward and again in backward, and give
+    the hidden states' gradient), per pass."""
     text = model.config.get_text_config()
-    layer = layer_seconds(model.config, cfg, device, dtype, micro, checkpointing, cache)
+    layer = layer_time(model, cfg, device, dtype, micro, checkpointing, cache)
     tokens = micro * cfg.seq_len
     rate = matmul_rate(min(tokens, 2048), text.hidden_size, dtype, device)
     head = 3 * 2 * text.hidden_size * text.vocab_size * tokens / rate
     passes = math.ceil(cfg.batch_size / micro)
-    seconds = passes * (text.num_hidden_layers * layer + head)
+    below = text.num_hidden_layers - layer.trained_layers  # forward only
+    seconds = passes * (layer.trained_layers * layer.trained + below * layer.forward + head)
     return {
-        "layer_seconds": layer,
+        "layer_seconds": layer.trained,
         "layers": text.num_hidden_layers,
+        "forward_only_layers": below,
+        "forward_only_layer_seconds": layer.forward,
         "head_seconds": head,
         "matmul_flops_per_s": rate,
         "seconds_per_step": seconds,
@@ -198,11 +202,18 @@ def format_plan(plan: dict, title: str) -> str:
         out.append(f"It does not fit: {plan['why_not']}")
     speed = plan["speed"]
     if speed:
+        below = speed["forward_only_layers"]
+        forward_only = (
+            f", and {speed['forward_only_layer_seconds']:.2f} s forward only x {below} layers "
+            "below the lowest adapted one"
+            if below
+            else ""
+        )
         out.append(
             f"Expected speed: about {speed['tokens_per_s']:.0f} tokens/s, "
             f"{speed['seconds_per_step']:.1f} s a step: one decoder layer of this model's shapes "
             f"(random weights) took {speed['layer_seconds']:.2f} s a pass here, x "
-            f"{speed['layers']} layers, + {speed['head_seconds']:.2f} s for the output head "
-            "(an estimate)."
+            f"{speed['layers'] - below} layers{forward_only}, + {speed['head_seconds']:.2f} s "
+            "for the output head (an estimate)."
         )
     return "\n".join(out)
