@@ -79,6 +79,7 @@ def test_plan_turns_checkpointing_on_as_memory_shrinks_and_says_when_nothing_fit
 def test_plan_times_a_layer_of_the_model_here_for_the_speed(config_only, capsys):
     plan = _plan(capsys, str(config_only), "--seq-len", "64", "--device", "cpu")
     speed, settings = plan["speed"], plan["settings"]
+    assert plan["fits"], plan["why_not"]
     assert speed["layers"] == tiny_model("llama").config.num_hidden_layers
     assert speed["layer_seconds"] > 0 and speed["head_seconds"] > 0
     tokens = settings["batch_size"] * settings["seq_len"]

@@ -9,8 +9,8 @@ import sys
 from lorakit.errors import LorakitError
 from lorakit.models.loading import context_length, empty_model, load_config, resolve_model
 from lorakit.models.precision import default_dtype, resolve_device
+from lorakit.training import memory
 from lorakit.training.config import TrainConfig, parse_size, validate
-from lorakit.training.memory import device_budget
 from lorakit.training.plan import format_plan, make_plan
 
 
@@ -20,7 +20,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     cfg = TrainConfig(model=args.model, **settings)
     validate(cfg)
     device = resolve_device(cfg.device)
-    budget = parse_size(args.memory) if args.memory else device_budget(device)
+    budget = parse_size(args.memory) if args.memory else memory.device_budget(device)
     source = resolve_model(args.model, weights=False)
     model = empty_model(load_config(source))
     limit = context_length(model)
