@@ -22,7 +22,7 @@ from lorakit.errors import LorakitError
 from lorakit.lora.targets import experts_weights, linear_modules, lora_param_count, resolve_targets
 from lorakit.training import memory
 from lorakit.training.config import TrainConfig
-from lorakit.training.layer_timing import layer_time
+from lorakit.training.layer_timing import LayerTime, layer_time
 from lorakit.training.trainer import micro_batch_size
 
 FULL_BYTES = 16  # a fully trained parameter: 16-bit weight and gradient, fp32 master + AdamW
@@ -87,7 +87,8 @@ def make_plan(
     per_token = 2 * weights * passes + 6 * adapter
     speed = None
     if calibrate and fits:
-        speed = step_time(model, cfg, device, dtype, micro, checkpointing, cache)
+        layer = layer_time(model, cfg, device, dtype, micro, checkpointing, cache)
+        speed = step_time(model.config.get_text_config(), cfg, micro, layer, device, dtype)
     return {
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
@@ -127,20 +128,12 @@ def make_plan(
 
 
 def step_time(
-    model: nn.Module,
-    cfg: TrainConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    micro: int,
-    checkpointing: bool,
-    cache: bool,
-) -> dict:
+    text, cfg: TrainConfig, micro: int, layer: LayerTime, device: torch.device, dtype: torch.dtype
+) -> dict:  # noqa: ANN001 (text: a transformers text config)
     """A step's seconds: one decoder layer timed here (training.layer_timing) times the layers
     (forward only below the lowest adapted layer), plus the output head and loss at the matmul
     rate measured here (its logits are computed twice, forward and again in backward, and give
     the hidden states' gradient), per pass."""
-    text = model.config.get_text_config()
-    layer = layer_time(model, cfg, device, dtype, micro, checkpointing, cache)
     tokens = micro * cfg.seq_len
     rate = matmul_rate(min(tokens, 2048), text.hidden_size, dtype, device)
     head = 3 * 2 * text.hidden_size * text.vocab_size * tokens / rate
