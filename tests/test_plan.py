@@ -135,6 +135,71 @@ def test_the_timed_layer_is_one_layer_of_the_model_in_nf4_and_trains(kind):
         assert timed.trained > 0 and timed.trained_layers == config.num_hidden_layers
 
 
+def _qwen2_moe_with_a_dense_first_layer():
+    """A Qwen2-MoE of four layers whose first is dense (`mlp_only_layers`), on meta."""
+    from test_architectures import _config
+
+    from lorakit.models.loading import empty_model
+
+    config = _config("qwen2_moe", 1000)
+    config.num_hidden_layers, config.mlp_only_layers = 4, [0]
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1] * 4
+    return empty_model(config)
+
+
+def test_the_timed_layer_is_of_the_kind_most_layers_are():
+    from lorakit.quant.experts import NF4Experts
+    from lorakit.training.layer_timing import layer_time, random_layer_model
+
+    model = _qwen2_moe_with_a_dense_first_layer()
+    cpu = torch.device("cpu")
+    cut = random_layer_model(model.config, cpu, torch.float32)
+    assert any(isinstance(m, NF4Experts) for m in cut.modules())  # a MoE layer, not the dense
+    cfg = TrainConfig(seq_len=16, batch_size=1, targets="all-linear")
+    timed = layer_time(model, cfg, cpu, torch.float32, 1, False, False)
+    assert timed.trained > 0 and timed.trained_layers == 4
+
+
+def test_a_plan_whose_adapters_are_not_in_the_timed_kind_of_layer_says_so():
+    from lorakit.training.plan import format_plan, make_plan
+
+    model = _qwen2_moe_with_a_dense_first_layer()
+    cfg = TrainConfig(seq_len=16, batch_size=1, targets=r"re:.*layers\.0\.mlp\.down_proj")
+    plan = make_plan(model, cfg, torch.device("cpu"), torch.float32, 8 * 2**30)
+    assert plan["fits"] and plan["speed"] is None
+    assert "model.layers.0.mlp.down_proj" in plan["speed_note"]
+    assert "Speed not estimated: none of the 1 adapted modules" in format_plan(plan, "m")
+
+
+def test_the_timed_layer_computes_its_input_gradient_as_upper_layers_do(monkeypatch):
+    """Every layer above the lowest adapted one passes a gradient down through its frozen 4-bit
+    weights; the timed layer, the only one, must do that work too."""
+    from conftest import tiny_model as tiny
+
+    from lorakit.models.loading import empty_model
+    from lorakit.quant import linear
+    from lorakit.training.layer_timing import layer_time
+
+    calls = {"forward": 0, "backward": 0}
+    forward, backward = linear._NF4Matmul.forward, linear._NF4Matmul.backward
+
+    def counted(name, fn):  # noqa: ANN001, ANN202
+        def run(ctx, *args):  # noqa: ANN001, ANN002, ANN202
+            calls[name] += 1
+            return fn(ctx, *args)
+
+        return staticmethod(run)
+
+    monkeypatch.setattr(linear._NF4Matmul, "forward", counted("forward", forward))
+    monkeypatch.setattr(linear._NF4Matmul, "backward", counted("backward", backward))
+    model = empty_model(tiny("llama").config)
+    cfg = TrainConfig(seq_len=16, batch_size=1)  # q, k, v, o adapted
+    layer_time(model, cfg, torch.device("cpu"), torch.float32, 1, False, False)
+    # every 4-bit matmul, q/k/v included, passes its gradient on: a backward for each forward
+    assert calls["forward"] > 0 and calls["backward"] == calls["forward"], calls
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

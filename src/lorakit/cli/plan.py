@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from lorakit.errors import LorakitError
 from lorakit.models.loading import context_length, empty_model, load_config, resolve_model
@@ -30,8 +29,6 @@ def cmd_plan(args: argparse.Namespace) -> None:
             f"use --seq-len {limit} or less"
         )
     dtype = default_dtype(device)
-    if not args.no_calibrate:
-        print("timing one decoder layer of this model's shapes here...", file=sys.stderr)
     plan = make_plan(model, cfg, device, dtype, budget, calibrate=not args.no_calibrate)
     plan["model"] = source.name
     if args.json:

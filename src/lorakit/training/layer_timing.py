@@ -13,12 +13,20 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from lorakit.lora.targets import layer_stack, lowest_adapted_layer, resolve_targets
+from lorakit.errors import LorakitError
+from lorakit.lora.targets import (
+    experts_weights,
+    layer_stack,
+    linear_modules,
+    lowest_adapted_layer,
+    resolve_targets,
+)
 from lorakit.models.loading import eager_experts, empty_model, put_weight, quantizable_modules
 from lorakit.models.precision import autocast
 from lorakit.training.config import TrainConfig
@@ -28,18 +36,23 @@ VOCAB = 256  # the cut model's vocabulary: its embedding and head cost next to n
 
 
 def one_layer_config(config):  # noqa: ANN001, ANN201 (a transformers config)
-    """A copy of `config` with one decoder layer (per-layer settings cut to the first; a MoE's
-    leading dense layers dropped, so the layer is the kind most of the model has) and VOCAB
+    """A copy of `config` with one decoder layer of the kind most of the model's layers are
+    (per-layer lists such as `layer_types` cut to their most common entry; a MoE's dense layers,
+    `first_k_dense_replace` / `mlp_only_layers`, dropped when they are the fewer) and VOCAB
     tokens."""
     config = copy.deepcopy(config)
     text = config.get_text_config()
     layers = text.num_hidden_layers
     for key, value in list(vars(text).items()):
         if isinstance(value, list) and len(value) == layers:  # layer_types and the like
-            setattr(text, key, value[:1])
+            common = Counter(map(repr, value)).most_common(1)[0][0]
+            setattr(text, key, [next(v for v in value if repr(v) == common)])
     text.num_hidden_layers = 1
-    if getattr(text, "first_k_dense_replace", 0):
+    if getattr(text, "first_k_dense_replace", 0) and text.first_k_dense_replace < layers / 2:
         text.first_k_dense_replace = 0
+    dense = getattr(text, "mlp_only_layers", None)
+    if isinstance(dense, list) and len(dense) < layers / 2:
+        text.mlp_only_layers = []
     text.vocab_size = VOCAB
     text.pad_token_id = None  # an id past VOCAB would be refused as the embedding's padding
     return config
@@ -76,14 +89,22 @@ class LayerTime:
     trained_layers: int  # the layers from the lowest adapted one up
 
 
-def _in_first_layer(names: list[str], stack: str | None) -> list[str]:
-    """The adapted modules' names moved to layer 0 of `stack` (the others as they are)."""
+def _in_first_layer(names: list[str], stack: str | None, cut: nn.Module) -> list[str]:
+    """The adapted modules' names moved to layer 0 of `stack`, those the one-layer model `cut`
+    has (a layer of another kind, a dense one in a MoE, has others); a LorakitError if none."""
+    have = {*linear_modules(cut), *experts_weights(cut)}
     moved = set()
     for name in names:
         if stack is not None and name.startswith(stack + "."):
             _, _, rest = name[len(stack) + 1 :].partition(".")
             name = f"{stack}.0.{rest}"
-        moved.add(name)
+        if name in have:
+            moved.add(name)
+    if not moved:
+        raise LorakitError(
+            f"none of the {len(names)} adapted modules (first: {names[0]}) is in a layer of "
+            "the kind timed; no speed estimate for this model (the memory estimate stands)"
+        )
     return sorted(moved)
 
 
@@ -102,9 +123,9 @@ def layer_time(
     from lorakit.training.trainer import attach_adapter, training_setup
 
     selected, _ = resolve_targets(model, cfg.targets)
-    targets = _in_first_layer(selected, layer_stack(model))
     lowest = lowest_adapted_layer(model, selected)
     cut = random_layer_model(model.config, device, dtype, cfg.quant)
+    targets = _in_first_layer(selected, layer_stack(model), cut)
     run = replace(
         cfg,
         init="default",
@@ -115,6 +136,12 @@ def layer_time(
     )
     attach_adapter(cut, run)
     cut.train()
+    # Above the lowest adapted layer a layer's input carries a gradient, so its backward also
+    # computes the input's (the frozen weights' transposed matmuls): the timed layer does too.
+    embeddings = cut.get_input_embeddings()
+    needs_grad = embeddings.register_forward_hook(
+        lambda module, args, out: out.requires_grad_(True) if torch.is_grad_enabled() else out
+    )
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
     def one_pass(tokens: int, backward: bool = True) -> float:
@@ -138,5 +165,6 @@ def layer_time(
             forward = one_pass(cfg.seq_len, backward=False)
             if forward < 1.0:
                 forward = min(forward, *(one_pass(cfg.seq_len, backward=False) for _ in range(2)))
+    needs_grad.remove()
     layers = model.config.get_text_config().num_hidden_layers
     return LayerTime(trained, forward, layers - lowest)

@@ -13,6 +13,7 @@ here: a stated estimate, not a promise. The step's matmul FLOPs a token are repo
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import torch
@@ -85,10 +86,14 @@ def make_plan(
     adapter = lora_param_count(model, selected, cfg.rank)
     passes = 3 if checkpointing else 2  # forward, input gradients (+ the recomputed forward)
     per_token = 2 * weights * passes + 6 * adapter
-    speed = None
+    speed, speed_note = None, ""
     if calibrate and fits:
-        layer = layer_time(model, cfg, device, dtype, micro, checkpointing, cache)
-        speed = step_time(model.config.get_text_config(), cfg, micro, layer, device, dtype)
+        print("timing one decoder layer of this model's shapes here...", file=sys.stderr)
+        try:
+            layer = layer_time(model, cfg, device, dtype, micro, checkpointing, cache)
+            speed = step_time(model.config.get_text_config(), cfg, micro, layer, device, dtype)
+        except (LorakitError, RuntimeError) as e:  # the memory plan stands without it
+            speed_note = str(e).strip().splitlines()[0]
     return {
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
@@ -124,6 +129,7 @@ def make_plan(
         "parameters": {"model": total, "adapter": adapter, "bytes_per_value": size},
         "flops_per_token": per_token,
         "speed": speed,
+        "speed_note": speed_note,
     }
 
 
@@ -209,4 +215,6 @@ def format_plan(plan: dict, title: str) -> str:
             f"{speed['layers'] - below} layers{forward_only}, + {speed['head_seconds']:.2f} s "
             "for the output head (an estimate)."
         )
+    elif plan.get("speed_note"):
+        out.append(f"Speed not estimated: {plan['speed_note']}.")
     return "\n".join(out)
