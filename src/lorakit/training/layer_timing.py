@@ -4,9 +4,12 @@
 machine's matmul rate leaves out everything else a QLoRA step does (dequantizing the NF4
 weights, attention, norms, the recomputed forward under checkpointing, the adapter's small
 matmuls), and on a 13B it predicted a step 7x faster than the run. So the plan builds the model's
-architecture with one decoder layer and a small vocabulary, fills it with random weights of the
-real shapes (NF4 as `load_model` stores them), attaches the adapter, and times one training pass
-as `lorakit train` runs it (its patches, checkpointing and weight cache as the plan chose).
+architecture with one decoder layer (of the kind most of its layers are) and a small vocabulary,
+fills it with random weights of the real shapes (NF4 as `load_model` stores them), attaches the
+adapter the targets put on a layer, and times one training pass as `lorakit train` runs it (its
+patches, checkpointing and weight cache as the plan chose), the layer's input carrying a gradient
+as it does in every layer above the lowest adapted one; the layers below that one run forward
+only, timed so.
 """
 
 from __future__ import annotations
