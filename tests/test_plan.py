@@ -89,6 +89,12 @@ def test_plan_times_a_layer_of_the_model_here_for_the_speed(config_only, capsys)
     assert main(["plan", str(config_only), "--seq-len", "64", "--device", "cpu"]) == 0
     assert "one decoder layer of this model's shapes" in capsys.readouterr().out
     assert _plan(capsys, str(config_only), *FLAGS)["speed"] is None  # --no-calibrate
+    assert speed["run_seconds"] is None  # no --steps: the run's length is the data's
+    run = _plan(capsys, str(config_only), "--seq-len", "64", "--steps", "200")["speed"]
+    assert run["run_seconds"] == pytest.approx(200 * run["seconds_per_step"])
+    capsys.readouterr()
+    assert main(["plan", str(config_only), "--seq-len", "64", "--steps", "200"]) == 0
+    assert "200 steps: about " in capsys.readouterr().out
     assert speed["forward_only_layers"] == 0
     # Adapters on the last layer only: backward never reaches the layers below it.
     last = _plan(capsys, str(config_only), "--seq-len", "64", "--targets", r"re:.*layers\.1\..*")

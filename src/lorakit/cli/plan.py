@@ -47,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", dest="seq_len", type=int, help="tokens per sequence (512)")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="sequences a step (4)")
     p.add_argument("--micro-batch", dest="micro_batch", type=int, help="sequences a pass")
+    p.add_argument("--steps", type=int, help="optimizer steps: the run's time too")
     p.add_argument("--rank", type=int, help="LoRA rank (16)")
     p.add_argument("--targets", help="default, all-linear, names or re:REGEX")
     p.add_argument("--quant", choices=["nf4", "none"], help="base in NF4 (default) or 16-bit")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -111,6 +112,13 @@ def _in_first_layer(names: list[str], stack: str | None, cut: nn.Module) -> list
     return sorted(moved)
 
 
+def best_of(timed: Callable[[], float], short: float = 2.0) -> float:
+    """The least of three runs of `timed` (seconds) if the first is under `short`, else the
+    first: a short pass is noisy, a long one costs the user's wait."""
+    first = timed()
+    return min(first, timed(), timed()) if first < short else first
+
+
 def layer_time(
     model: nn.Module,
     cfg: TrainConfig,
@@ -160,14 +168,8 @@ def layer_time(
 
     with training_setup(cut, run, device, dtype, micro):
         one_pass(min(cfg.seq_len, 32))  # kernels built and loaded, the cache filled
-        trained = one_pass(cfg.seq_len)
-        if trained < 1.0:  # short enough to take the best of three
-            trained = min(trained, one_pass(cfg.seq_len), one_pass(cfg.seq_len))
-        forward = 0.0
-        if lowest:
-            forward = one_pass(cfg.seq_len, backward=False)
-            if forward < 1.0:
-                forward = min(forward, *(one_pass(cfg.seq_len, backward=False) for _ in range(2)))
+        trained = best_of(lambda: one_pass(cfg.seq_len))
+        forward = best_of(lambda: one_pass(cfg.seq_len, backward=False)) if lowest else 0.0
     needs_grad.remove()
     layers = model.config.get_text_config().num_hidden_layers
     return LayerTime(trained, forward, layers - lowest)

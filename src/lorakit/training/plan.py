@@ -155,7 +155,16 @@ def step_time(
         "matmul_flops_per_s": rate,
         "seconds_per_step": seconds,
         "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
+        "steps": cfg.steps,
+        "run_seconds": cfg.steps * seconds if cfg.steps else None,
     }
+
+
+def _duration(seconds: float) -> str:
+    """3 h 20 min, 12 min, 40 s."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+    return f"{round(seconds / 60)} min" if seconds >= 90 else f"{round(seconds)} s"
 
 
 def format_plan(plan: dict, title: str) -> str:
@@ -215,6 +224,11 @@ def format_plan(plan: dict, title: str) -> str:
             f"{speed['layers'] - below} layers{forward_only}, + {speed['head_seconds']:.2f} s "
             "for the output head (an estimate)."
         )
+        if speed["run_seconds"]:
+            out.append(
+                f"{speed['steps']} steps: about {_duration(speed['run_seconds'])} of training "
+                "(loading and evaluation besides)."
+            )
     elif plan.get("speed_note"):
         out.append(f"Speed not estimated: {plan['speed_note']}.")
     return "\n".join(out)
