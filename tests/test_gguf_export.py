@@ -14,6 +14,7 @@ import torch
 from lorakit.cli import main
 from lorakit.lora.layer import attach_lora, lora_layers
 from lorakit.lora.peft_format import AdapterConfig, save_adapter
+from lorakit.models.gguf_export import _copy_settings
 from lorakit.models.loading import load_model, resolve_model
 
 gguf = pytest.importorskip("gguf")
@@ -50,10 +51,8 @@ def _llama_cpp_applies(base_gguf, adapter_gguf, out):
     alpha = float(lora.fields["adapter.lora.alpha"].contents())
     factors = {t.name: np.array(t.data) for t in lora.tensors}
     writer = gguf.GGUFWriter(str(out), base.fields["general.architecture"].contents())
-    for key, field in base.fields.items():
-        if not key.startswith("GGUF.") and key != "general.architecture":
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    _copy_settings(base, writer, base_gguf)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     for t in base.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if t.name + ".lora_a" in factors:

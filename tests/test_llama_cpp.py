@@ -12,6 +12,7 @@ from lorakit.cli import main
 from lorakit.inference.generate import Sampling, generate_ids
 from lorakit.lora.layer import set_active_adapters
 from lorakit.lora.peft_format import load_adapter
+from lorakit.models.gguf_export import _copy_settings
 from lorakit.models.loading import load_model, resolve_model
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python")
@@ -26,10 +27,7 @@ def _f16_base(out):
     """The embedded base (Q4_1) as an F16 GGUF: what llama.cpp and lorakit both start from."""
     reader = gguf.GGUFReader(str(resolve_model("smollm2").path))
     writer = gguf.GGUFWriter(str(out), "llama")
-    for key, field in reader.fields.items():
-        if not key.startswith("GGUF.") and key not in ("general.architecture", "general.file_type"):
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
+    _copy_settings(reader, writer, out)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     for t in reader.tensors:
         w = gguf.quants.dequantize(t.data, t.tensor_type)

@@ -72,8 +72,7 @@ def random_layer_model(
     gen = torch.Generator(device).manual_seed(0)
     for name, p in list(model.named_parameters()):
         if p.dim() == 1:  # norms at 1, biases at 0
-            t = torch.ones(p.shape, device=device) if name.endswith("weight") else None
-            t = t if t is not None else torch.zeros(p.shape, device=device)
+            t = (torch.ones if name.endswith("weight") else torch.zeros)(p.shape, device=device)
         else:
             t = torch.randn(p.shape, generator=gen, device=device, dtype=dtype) * 0.02
         put_weight(model, name, t, dtype, quantize)

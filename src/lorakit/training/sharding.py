@@ -27,20 +27,21 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.lora.targets import layer_stack
 from lorakit.quant.experts import NF4Experts
 from lorakit.quant.linear import NF4Linear
 from lorakit.training.distributed import World
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers: its longest ModuleList (`model.layers`, `h`, ...)."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
+    """The model's stack of decoder layers (`model.layers`, `h`, ...: `targets.layer_stack`)."""
+    name = layer_stack(model)
+    if name is None:
         raise LorakitError(
             f"--shard-base: no stack of decoder layers found in {type(model).__name__}; train "
             "without --shard-base"
         )
-    return max(lists, key=len)
+    return model.get_submodule(name)
 
 
 @dataclass(frozen=True)
