@@ -8,6 +8,10 @@ import sys
 from typing import NoReturn
 
 from lorakit.errors import LorakitError
+from lorakit.heap import restart_with_tuned_heap
+
+# Long runs whose memory counts: started again with glibc's small-block caches off (lorakit/heap.py)
+TUNED_HEAP = ("train", "serve")
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] and sys.argv[1] in TUNED_HEAP:
+        restart_with_tuned_heap()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help exits 0 as argparse does; a refused flag returns 2
