@@ -19,7 +19,8 @@ pass with 0.44 GB free in a 1.59 GB heap and peaked at 2.24 GiB; with both cache
 (`TUNABLES`), 0.06 GB free and 1.80 GiB, at the same speed (4.7 vs 5.4 s a step, generation
 94.7 vs 85.0 tokens/s). glibc reads these settings only when a process starts, so `lorakit
 train` and `lorakit serve` start again with them (`restart_with_tuned_heap`); a script using
-the Python API gets them by setting GLIBC_TUNABLES itself.
+the Python API gets them by setting GLIBC_TUNABLES itself. LORAKIT_HEAP=off (any value) keeps
+glibc's defaults.
 """
 
 from __future__ import annotations
