@@ -4,12 +4,13 @@ dequantized weight, the heap keeps them (small live blocks between them pin it).
 runs in a fresh process (the setting is process-wide); a threshold the user set is kept."""
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from lorakit.heap import MARK, TUNABLES, tuned_environ
+from lorakit.heap import OPT_OUT, RESTARTED, TUNABLES, tuned_environ
 
 PROBE = """
 import torch
@@ -48,80 +49,114 @@ def test_freed_blocks_go_back_to_the_system_with_the_threshold_fixed():
     assert kept > 100  # ... and with it the heap holds on to what was freed
 
 
-# `lorakit train` on the default model as a CPU without BF16 runs it (fp32, PyTorch's own
-# operations): one step of 2 x 512 tokens. Prints the peak resident memory in MB.
-TRAIN_FP32 = """
-import resource, sys, torch
-torch.ops.mkldnn._is_mkldnn_bf16_supported = lambda: False  # no BF16 here: fp32 compute
-sys.argv = ["lorakit", "train", "--steps", "1", "--batch-size", "2", "--seq-len", "512",
-            "--eval-data", sys.argv[1], "--out", sys.argv[2], "--save-every", "0"]
-from lorakit.cli import main
-status = main()
-print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-raise SystemExit(status)
+# Started by every Python process of a test (PYTHONPATH): what the process started with, its
+# GLIBC_TUNABLES when it ends, and (fp32) a CPU without BF16 made of this one.
+SITE = """
+import atexit, os, resource
+print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
+if os.environ.get("TEST_FP32"):
+    import torch
+    torch.ops.mkldnn._is_mkldnn_bf16_supported = lambda: False
+def report():
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("end", os.getpid(), os.environ.get("GLIBC_TUNABLES"), peak, flush=True)
+atexit.register(report)
 """
+
+
+def clean_env(tmp_path) -> dict:
+    """This environment without heap settings, with SITE started by every Python process."""
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(SITE)
+    drop = ("GLIBC_TUNABLES", OPT_OUT, RESTARTED, "LD_PRELOAD")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "PYTHONPATH": str(site)}
+
+
+def lines(stdout: str, kind: str) -> list[list[str]]:
+    return [line.split()[1:] for line in stdout.splitlines() if line.startswith(kind + " ")]
 
 
 @pytest.mark.slow
 def test_train_in_fp32_reuses_its_freed_temporaries_with_the_small_block_caches_off(
     tmp_path, data_file
 ):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", MARK)}
+    """`lorakit train` on the default model as a CPU without BF16 runs it (fp32, PyTorch's own
+    operations), one step of 2 x 512 tokens, with glibc's defaults and as the command runs."""
+    env = clean_env(tmp_path)
     if tuned_environ(env) is None:
-        pytest.skip("not glibc")
+        pytest.skip("not glibc 2.26 or later")
     one = tmp_path / "one.jsonl"  # a short evaluation before and after
     one.write_text(data_file.read_text().splitlines()[0] + "\n")
     peaks = {}
-    for name, setting in (("glibc", {MARK: "off"}), ("tuned", {})):
+    for name, setting in (("glibc", {OPT_OUT: "off"}), ("tuned", {})):
         run = subprocess.run(
-            [sys.executable, "-c", TRAIN_FP32, str(one), str(tmp_path / name)],
-            capture_output=True, text=True, env={**env, **setting},
+            [sys.executable, "-m", "lorakit", "train", "--steps", "1", "--batch-size", "2",
+             "--seq-len", "512", "--eval-data", str(one), "--out", str(tmp_path / name),
+             "--save-every", "0"],
+            capture_output=True, text=True, env={**env, **setting, "TEST_FP32": "1"},
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
-        peaks[name] = float(run.stdout.split("peak")[-1])
+        peaks[name] = float(lines(run.stdout, "end")[-1][-1])
     # glibc's defaults strand about 0.4 GB of freed temporaries here (lorakit/heap.py)
     assert peaks["tuned"] < peaks["glibc"] - 200, peaks
 
 
 def test_tuned_environ_adds_the_tunables_and_keeps_the_users_own():
     if tuned_environ({}) is None:
-        pytest.skip("not glibc")
+        pytest.skip("not glibc 2.26 or later")
     env = tuned_environ({"PATH": "/bin"})
-    assert env["PATH"] == "/bin" and env[MARK]
+    assert env["PATH"] == "/bin" and env[RESTARTED] == "-"
     assert sorted(env["GLIBC_TUNABLES"].split(":")) == sorted(f"{k}=0" for k in TUNABLES)
-    own = tuned_environ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=3:glibc.malloc.check=1"})
-    assert own["GLIBC_TUNABLES"].split(":") == [
-        "glibc.malloc.tcache_count=3",  # theirs wins
-        "glibc.malloc.check=1",
-        "glibc.malloc.mxfast=0",
-    ]
+    theirs = "glibc.malloc.tcache_count=3:glibc.malloc.check=1"
+    own = tuned_environ({"GLIBC_TUNABLES": theirs})
+    assert own["GLIBC_TUNABLES"] == theirs + ":glibc.malloc.mxfast=0"  # theirs kept as set
+    assert own[RESTARTED] == theirs  # what the restarted process puts back
     everything = ":".join(f"{k}=1" for k in TUNABLES)
     assert tuned_environ({"GLIBC_TUNABLES": everything}) is None  # all theirs: no restart
-    assert tuned_environ({MARK: "tuned"}) is None  # restarted already (or kept off)
+    assert tuned_environ({RESTARTED: "-"}) is None  # restarted already
+    assert tuned_environ({OPT_OUT: "off"}) is None and tuned_environ({OPT_OUT: "0"}) is None
+    assert tuned_environ({OPT_OUT: "on"}) is not None  # only off turns it off
+    assert tuned_environ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) is None
 
 
-# The command line as a console script runs it: sys.argv set, main() without arguments.
-RESTART = """
-import os, sys
-print("started", os.environ.get("GLIBC_TUNABLES"), flush=True)
-sys.argv = ["lorakit", sys.argv[1], "--steps", "abc"]
+# A script that runs the command line in its own process, as a notebook's `%run -m` or a
+# debugger does: sys.argv set, main() without arguments.
+SCRIPT = """
+import sys
+sys.argv = ["lorakit", "train", "--steps", "abc"]
 from lorakit.cli import main
 raise SystemExit(main())
 """
 
 
-@pytest.mark.parametrize(("command", "restarts"), [("train", True), ("plan", False)])
-def test_train_starts_again_with_the_tunables_other_commands_do_not(command, restarts):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", MARK)}
-    if tuned_environ(env) is None:
-        pytest.skip("not glibc")
-    run = subprocess.run(
-        [sys.executable, "-c", RESTART, command], capture_output=True, text=True, env=env
-    )
-    starts = [line for line in run.stdout.splitlines() if line.startswith("started")]
-    assert run.returncode == 2 and "--steps" in run.stderr  # then the command ran as usual
-    if restarts:
-        assert starts[0] == "started None"
-        assert starts[1] == "started " + tuned_environ(env)["GLIBC_TUNABLES"]
+@pytest.mark.parametrize(
+    ("argv", "restarts"),
+    [
+        (["-m", "lorakit", "train", "--steps", "abc"], True),
+        (["lorakit", "train", "--steps", "abc"], True),  # pip's console script
+        (["-m", "lorakit", "plan", "--steps", "abc"], False),  # not a long run
+        (["-c", SCRIPT], False),  # not the lorakit command itself: never run again
+    ],
+)
+def test_the_train_command_starts_again_in_place_with_the_tunables(tmp_path, argv, restarts):
+    env = clean_env(tmp_path)
+    tuned = tuned_environ(env)
+    if tuned is None:
+        pytest.skip("not glibc 2.26 or later")
+    if argv[0] == "lorakit":
+        script = shutil.which("lorakit")
+        if script is None:
+            pytest.skip("no lorakit console script on PATH")
+        argv = [script, *argv[1:]]
     else:
-        assert starts == ["started None"]
+        argv = [sys.executable, *argv]
+    run = subprocess.run(argv, capture_output=True, text=True, env=env)
+    assert run.returncode == 2 and "--steps" in run.stderr  # then the command ran as usual
+    starts, ends = lines(run.stdout, "start"), lines(run.stdout, "end")
+    pid = starts[0][0]
+    if restarts:
+        assert starts == [[pid, "None"], [pid, tuned["GLIBC_TUNABLES"]]]  # the same process
+    else:
+        assert starts == [[pid, "None"]]
+    assert ends[0][:2] == [pid, "None"]  # the environment put back for what it starts

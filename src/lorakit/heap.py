@@ -16,11 +16,14 @@ pass that allocates and frees temporaries of a few MB between small blocks that 
 (saved tensors' metadata, LoRA's x @ A) then leaves each layer's temporaries as holes the next
 layer's cannot use: SmolLM2 in fp32 (PyTorch's own operations), 512 tokens, ended its forward
 pass with 0.44 GB free in a 1.59 GB heap and peaked at 2.24 GiB; with both caches off
-(`TUNABLES`), 0.06 GB free and 1.80 GiB, at the same speed (4.7 vs 5.4 s a step, generation
-94.7 vs 85.0 tokens/s). glibc reads these settings only when a process starts, so `lorakit
-train` and `lorakit serve` start again with them (`restart_with_tuned_heap`); a script using
-the Python API gets them by setting GLIBC_TUNABLES itself. LORAKIT_HEAP=off (any value) keeps
-glibc's defaults.
+(`TUNABLES`), 0.06 GB free and 1.80 GiB. No slower: a step 4.7 s with them off against 5.4 s
+with them on, generation at batch 1 94.7 against 85.0 tokens/s (BENCHMARKS.md). glibc (2.26 and
+later) reads these settings only when a process starts, so the `lorakit train` and `lorakit
+serve` commands start again in place with them (`restart_with_tuned_heap`, about a second of
+imports more), then put the environment back for the processes they start. The Python API and
+`cli.main(argv)` never restart; a script gets the same by setting GLIBC_TUNABLES itself.
+LORAKIT_HEAP=off keeps glibc's defaults; a preloaded allocator (jemalloc, tcmalloc, mimalloc) is
+left alone.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from collections.abc import Mapping
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (glibc's malloc.h)
 THRESHOLD = 4 * 2**20
 TUNABLES = {"glibc.malloc.tcache_count": "0", "glibc.malloc.mxfast": "0"}
-MARK = "LORAKIT_HEAP"  # set in the restarted process; set it yourself to keep glibc's defaults
+OPT_OUT = "LORAKIT_HEAP"  # off (or 0): keep glibc's defaults
+RESTARTED = "_LORAKIT_HEAP_RESTARTED"  # in the restarted process: the GLIBC_TUNABLES it had before
+UNSET = "-"  # ... where it had none
 
 
 @functools.cache
@@ -53,32 +58,67 @@ def fix_mmap_threshold() -> bool:
 
 
 def tuned_environ(environ: Mapping[str, str]) -> dict[str, str] | None:
-    """`environ` with `TUNABLES` added to GLIBC_TUNABLES (the user's own entries kept, theirs
-    first for a name both set), or None where there is nothing to do: not glibc, already
-    restarted or kept off (`MARK` set), or every one of them set by the user already."""
-    if MARK in environ or not _glibc():
+    """`environ` with `TUNABLES` added to GLIBC_TUNABLES (any the user set are theirs and kept),
+    or None where there is nothing to do: not glibc 2.26 or later, another allocator preloaded,
+    restarted already, LORAKIT_HEAP=off, or every one of them set by the user."""
+    if RESTARTED in environ or environ.get(OPT_OUT, "").lower() in ("off", "0") or not _glibc():
         return None
-    own = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+    if any(lib in environ.get("LD_PRELOAD", "") for lib in ("jemalloc", "tcmalloc", "mimalloc")):
+        return None
+    before = environ.get("GLIBC_TUNABLES")
+    own = [t for t in (before or "").split(":") if t]
     names = {t.split("=", 1)[0] for t in own}
     added = [f"{k}={v}" for k, v in TUNABLES.items() if k not in names]
     if not added:
         return None
-    return {**environ, "GLIBC_TUNABLES": ":".join(own + added), MARK: "tuned"}
+    return {**environ, "GLIBC_TUNABLES": ":".join(own + added), RESTARTED: before or UNSET}
+
+
+def launched_as_command() -> bool:
+    """Whether this process is the `lorakit` command itself (pip's console script, or `python -m
+    lorakit`), so that running it again runs only lorakit: not a notebook, debugger, profiler or
+    script that calls `main` with sys.argv set."""
+    argv, orig = sys.argv, getattr(sys, "orig_argv", [])
+    if getattr(sys, "frozen", False) or not sys.executable or len(orig) < len(argv):
+        return False
+    if orig[len(orig) - len(argv) + 1 :] != argv[1:]:
+        return False
+    launcher = orig[: len(orig) - len(argv) + 1]
+    if launcher[-2:] == ["-m", "lorakit"]:
+        return True
+    script = os.path.basename(argv[0])
+    return script in ("lorakit", "lorakit.exe") and os.path.basename(launcher[-1]) == script
 
 
 def restart_with_tuned_heap() -> None:
-    """Run this process's command again, in place (same PID), with `tuned_environ`; returns
-    only where there is nothing to do."""
-    env = tuned_environ(os.environ)
-    if env is None:
+    """Run this command again, in place (the same PID), with `tuned_environ`; returns where there
+    is nothing to do or the restart fails. In the restarted process, puts GLIBC_TUNABLES back as
+    it was (glibc has read it), so that the processes it starts (a compiler, workers) run with
+    glibc's defaults."""
+    before = os.environ.pop(RESTARTED, None)
+    if before is not None:
+        if before == UNSET:
+            os.environ.pop("GLIBC_TUNABLES", None)
+        else:
+            os.environ["GLIBC_TUNABLES"] = before
         return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
+    env = tuned_environ(os.environ)
+    if env is None or not launched_as_command():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    try:
+        os.execve(sys.executable, sys.orig_argv, env)
+    except OSError:
+        return  # run on with glibc's defaults
 
 
 def _glibc() -> bool:
+    """glibc 2.26 or later (GLIBC_TUNABLES came with 2.26)."""
     try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (AttributeError, ValueError, OSError):
+        name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except (AttributeError, ValueError, OSError, TypeError):
         return False  # not a C library that answers this: not glibc
+    return name == "glibc" and (major, minor) >= (2, 26)
