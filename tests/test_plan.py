@@ -84,7 +84,11 @@ def test_plan_times_a_layer_of_the_model_here_for_the_speed(config_only, capsys)
     assert speed["layer_seconds"] > 0 and speed["head_seconds"] > 0
     tokens = settings["batch_size"] * settings["seq_len"]
     assert speed["seconds_per_step"] == pytest.approx(tokens / speed["tokens_per_s"])
-    assert speed["seconds_per_step"] > speed["layers"] * speed["layer_seconds"]
+    assert speed["outside_layers_seconds"] > 0  # timed with the layer taken out
+    passes = settings["batch_size"] // settings["micro_batch"]
+    once = speed["outside_layers_seconds"] + speed["head_seconds"]  # once a pass, not a layer
+    layers = speed["layers"] * speed["layer_seconds"]
+    assert speed["seconds_per_step"] == pytest.approx(passes * (layers + once))
     capsys.readouterr()
     assert main(["plan", str(config_only), "--seq-len", "64", "--device", "cpu"]) == 0
     assert "one decoder layer of this model's shapes" in capsys.readouterr().out
@@ -138,7 +142,8 @@ def test_the_timed_layer_is_one_layer_of_the_model_in_nf4_and_trains(kind):
     cfg = TrainConfig(seq_len=16, batch_size=2)
     for checkpointing, cache in [(True, False), (False, True)]:
         timed = layer_time(empty_model(config), cfg, cpu, torch.float32, 2, checkpointing, cache)
-        assert timed.trained > 0 and timed.trained_layers == config.num_hidden_layers
+        assert timed.outside > 0 and timed.trained >= 0  # the layer's: the pass less outside
+        assert timed.trained_layers == config.num_hidden_layers
 
 
 def _qwen2_moe_with_a_dense_first_layer():
@@ -164,7 +169,7 @@ def test_the_timed_layer_is_of_the_kind_most_layers_are():
     assert any(isinstance(m, NF4Experts) for m in cut.modules())  # a MoE layer, not the dense
     cfg = TrainConfig(seq_len=16, batch_size=1, targets="all-linear")
     timed = layer_time(model, cfg, cpu, torch.float32, 1, False, False)
-    assert timed.trained > 0 and timed.trained_layers == 4
+    assert timed.trained + timed.outside > 0 and timed.trained_layers == 4
 
 
 def test_a_plan_whose_adapters_are_not_in_the_timed_kind_of_layer_says_so():
@@ -253,3 +258,32 @@ def test_plan_of_a_4bit_checkpoint_bigger_than_memory_reads_its_weights_from_dis
     assert streamed["fits"] and streamed["settings"]["weights_from_disk"]
     assert main(["plan", str(stored), *FLAGS, *squeezed]) == 0
     assert "read from disk" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2_moe"])
+def test_the_pass_outside_the_layers_runs_with_the_layers_taken_out_and_put_back(kind):
+    """The plan counts what a pass spends outside the decoder layers once a pass: it is timed on
+    the cut model with its layer stack emptied, which must still run a training pass."""
+    from test_architectures import _config
+
+    from lorakit.lora.targets import layer_stack
+    from lorakit.training.layer_timing import VOCAB, _without_layers, random_layer_model
+    from lorakit.training.loss import causal_lm_loss
+
+    cut = random_layer_model(_config(kind, 1000), torch.device("cpu"), torch.float32)
+    name = layer_stack(cut)
+    stack = cut.get_submodule(name)
+    calls = []
+    stack[0].register_forward_hook(lambda *args: calls.append(1))
+    ids = torch.randint(VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    embeddings = cut.get_input_embeddings()
+    hook = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+    with _without_layers(cut):
+        assert len(cut.get_submodule(name)) == 0
+        loss, _ = causal_lm_loss(cut, {"input_ids": ids, "labels": ids})
+        loss.backward()
+    assert calls == []  # the layer did not run
+    assert cut.get_submodule(name) is stack  # and is back
+    causal_lm_loss(cut, {"input_ids": ids, "labels": ids})
+    assert calls == [1]
+    hook.remove()

@@ -137,21 +137,24 @@ def step_time(
     text, cfg: TrainConfig, micro: int, layer: LayerTime, device: torch.device, dtype: torch.dtype
 ) -> dict:  # noqa: ANN001 (text: a transformers text config)
     """A step's seconds: one decoder layer timed here (training.layer_timing) times the layers
-    (forward only below the lowest adapted layer), plus the output head and loss at the matmul
-    rate measured here (its logits are computed twice, forward and again in backward, and give
-    the hidden states' gradient), per pass."""
+    (forward only below the lowest adapted layer), plus what the pass spends outside them (timed
+    with it) and the output head and loss at the matmul rate measured here (its logits are
+    computed twice, forward and again in backward, and give the hidden states' gradient), per
+    pass."""
     tokens = micro * cfg.seq_len
     rate = matmul_rate(min(tokens, 2048), text.hidden_size, dtype, device)
     head = 3 * 2 * text.hidden_size * text.vocab_size * tokens / rate
     passes = math.ceil(cfg.batch_size / micro)
     below = text.num_hidden_layers - layer.trained_layers  # forward only
-    seconds = passes * (layer.trained_layers * layer.trained + below * layer.forward + head)
+    layers = layer.trained_layers * layer.trained + below * layer.forward
+    seconds = passes * (layers + layer.outside + head)
     return {
         "layer_seconds": layer.trained,
         "layers": text.num_hidden_layers,
         "forward_only_layers": below,
         "forward_only_layer_seconds": layer.forward,
         "head_seconds": head,
+        "outside_layers_seconds": layer.outside,
         "matmul_flops_per_s": rate,
         "seconds_per_step": seconds,
         "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
@@ -221,8 +224,9 @@ def format_plan(plan: dict, title: str) -> str:
             f"Expected speed: about {speed['tokens_per_s']:.0f} tokens/s, "
             f"{speed['seconds_per_step']:.1f} s a step: one decoder layer of this model's shapes "
             f"(random weights) took {speed['layer_seconds']:.2f} s a pass here, x "
-            f"{speed['layers'] - below} layers{forward_only}, + {speed['head_seconds']:.2f} s "
-            "for the output head (an estimate)."
+            f"{speed['layers'] - below} layers{forward_only}, + "
+            f"{speed['outside_layers_seconds']:.2f} s outside the layers (embedding, loss), + "
+            f"{speed['head_seconds']:.2f} s for the output head (an estimate)."
         )
         if speed["run_seconds"]:
             out.append(
