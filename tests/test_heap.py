@@ -52,13 +52,14 @@ def test_freed_blocks_go_back_to_the_system_with_the_threshold_fixed():
 # Started by every Python process of a test (PYTHONPATH): what the process started with, its
 # GLIBC_TUNABLES when it ends, and (fp32) a CPU without BF16 made of this one.
 SITE = """
-import atexit, os, resource
+import atexit, os
 print("start", os.getpid(), os.environ.get("GLIBC_TUNABLES"), flush=True)
 if os.environ.get("TEST_FP32"):
     import torch
     torch.ops.mkldnn._is_mkldnn_bf16_supported = lambda: False
-def report():
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def report():  # VmHWM: this program's own peak (ru_maxrss starts at the forking parent's RSS)
+    with open("/proc/self/status") as f:
+        peak = next(int(x.split()[1]) for x in f if x.startswith("VmHWM")) / 1024
     print("end", os.getpid(), os.environ.get("GLIBC_TUNABLES"), peak, flush=True)
 atexit.register(report)
 """
