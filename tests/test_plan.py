@@ -278,7 +278,7 @@ def test_the_pass_outside_the_layers_runs_with_the_layers_taken_out_and_put_back
     ids = torch.randint(VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
     embeddings = cut.get_input_embeddings()
     hook = embeddings.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
-    with _without_layers(cut):
+    with _without_layers(cut, name):
         assert len(cut.get_submodule(name)) == 0
         loss, _ = causal_lm_loss(cut, {"input_ids": ids, "labels": ids})
         loss.backward()

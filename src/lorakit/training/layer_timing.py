@@ -173,9 +173,12 @@ def layer_time(
         forward = best_of(lambda: one_pass(cfg.seq_len, backward=False)) if lowest else 0.0
         # What the pass spends outside the layer, timed with the layer taken out: a model's
         # pass spends it once, not once a layer (the default model's step was 1.24x over).
-        with _without_layers(cut):
-            outside = best_of(lambda: one_pass(cfg.seq_len))
-            outside_forward = best_of(lambda: one_pass(cfg.seq_len, False)) if lowest else 0.0
+        outside = outside_forward = 0.0
+        stack = layer_stack(cut)
+        if stack is not None:  # else the layer's time keeps it, as before
+            with _without_layers(cut, stack):
+                outside = best_of(lambda: one_pass(cfg.seq_len))
+                outside_forward = best_of(lambda: one_pass(cfg.seq_len, False)) if lowest else 0.0
     needs_grad.remove()
     layers = model.config.get_text_config().num_hidden_layers
     return LayerTime(
@@ -187,9 +190,9 @@ def layer_time(
 
 
 @contextmanager
-def _without_layers(cut: nn.Module) -> Iterator[None]:
-    """`cut` with its decoder layers taken out (an empty stack) for the block."""
-    parent, _, name = layer_stack(cut).rpartition(".")
+def _without_layers(cut: nn.Module, stack: str) -> Iterator[None]:
+    """`cut` with its decoder layers (the ModuleList named `stack`) taken out for the block."""
+    parent, _, name = stack.rpartition(".")
     holder = cut.get_submodule(parent)
     stack = getattr(holder, name)
     setattr(holder, name, nn.ModuleList())
